@@ -1,0 +1,3 @@
+from minicpmv_edge.cli import main
+
+raise SystemExit(main())

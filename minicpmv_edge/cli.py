@@ -1,0 +1,58 @@
+"""`minicpmv-edge` command: a dispatcher only.
+
+Each subcommand lives in its own module with a `main(argv) -> int`; nothing heavy is imported until
+the chosen subcommand runs, so `run`/`chat`/`serve` never load torch.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from minicpmv_edge.errors import MiniCPMVEdgeError, MissingExtraError
+
+# name -> (module, one-line help, extra the module needs)
+COMMANDS: dict[str, tuple[str, str, str | None]] = {
+    "synth": ("minicpmv_edge.export.synth", "write a synthetic MiniCPM-V checkpoint (tiny, edge-4b, full)", "export"),
+    "inspect": ("minicpmv_edge.export.checkpoint", "read and validate a checkpoint directory, print a summary", None),
+    "demo": ("minicpmv_edge.demo", "synthesize a tiny model and run the whole pipeline on a generated image", "export"),
+}
+
+_EXTRA_MODULES = {"torch", "transformers", "tokenizers", "safetensors", "onnx", "onnxscript", "coremltools"}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: minicpmv-edge COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_, _) in COMMANDS.items()]
+    lines += ["", "Run `minicpmv-edge COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(_usage())
+        return 0
+    if argv[0] in {"-V", "--version"}:
+        from minicpmv_edge import __version__
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"minicpmv-edge: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, _, extra = COMMANDS[name]
+    try:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.split(".")[0] in _EXTRA_MODULES:
+                raise MissingExtraError(extra or "export", exc.name) from None
+            raise
+        return int(module.main(rest) or 0)
+    except MiniCPMVEdgeError as exc:
+        print(f"minicpmv-edge {name}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"minicpmv-edge {name}: interrupted", file=sys.stderr)
+        return 130

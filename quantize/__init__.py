@@ -1,0 +1,1 @@
+"""Quantization recipes (GGUF ladder, ONNX int8, CoreML weight compression)."""

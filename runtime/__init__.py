@@ -1,0 +1,1 @@
+"""On-device runtime: no torch. Preprocessing, vision backends, resampler, llama.cpp decoder."""
