@@ -27,7 +27,7 @@ IMAGE_TOKENS = MappingProxyType({
     "image_pad": "<unk>",  # the 64 filler tokens whose embeddings are replaced [T45-proc]
 })
 GROUNDING_TOKENS = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<point>", "</point>")
-CHATML_TOKENS = MappingProxyType({"im_start": "<|im_start|>", "im_end": "<|im_end|>", "endoftext": "<|endoftext|>"})
+CHATML_TOKENS = MappingProxyType({"im_start": "<|im_start|>", "im_end": "<|im_end|>"})
 THINK_TOKENS = MappingProxyType({"think_start": "<think>", "think_end": "</think>"})
 
 
@@ -81,7 +81,7 @@ class ModelFacts:
     # --- tokenizer and prompt
     tokenizer_kind: str               # "byte_bpe" (Qwen) or "spm_bpe" (Llama-style, byte fallback)
     bos_token: str | None             # prepended by the tokenizer, or None (Qwen adds none)
-    chat_template: str                # name of the template family (export/templates/<name>.jinja for synth)
+    chat_template: str                # template family: "qwen2" (ChatML + default system), "chatml", "qwen3" (thinking)
     default_system_prompt: str | None
     stop_tokens: tuple[str, ...]
     extra_special_tokens: tuple[str, ...]
@@ -117,6 +117,14 @@ class ModelFacts:
             roles.update(THINK_TOKENS)
         return MappingProxyType(roles)
 
+    def all_special_tokens(self) -> tuple[str, ...]:
+        """Every special token a tokenizer of this version carries, in the order the real one adds them."""
+        head = ("<unk>", "<s>", "</s>") if self.tokenizer_kind == "spm_bpe" else ("<|endoftext|>",)
+        ordered = [*head, *CHATML_TOKENS.values(), *self.stop_tokens, *IMAGE_TOKENS.values(),
+                   *self.extra_special_tokens, *(THINK_TOKENS.values() if self.thinking else ()),
+                   *((self.bos_token,) if self.bos_token else ())]
+        return tuple(dict.fromkeys(ordered))  # de-duplicate, keep first position
+
 
 _QWEN_SAMPLING = SamplingDefaults(temperature=0.7, top_p=0.8, top_k=100, repetition_penalty=1.05)
 
@@ -131,7 +139,7 @@ MODEL_FACTS: Mapping[str, ModelFacts] = MappingProxyType({
         llm_muP_scaling=False,
         tokenizer_kind="byte_bpe",
         bos_token=None,
-        chat_template="chatml",
+        chat_template="qwen2",
         default_system_prompt="You are a helpful assistant.",
         stop_tokens=("<|im_end|>", "<|endoftext|>"),
         extra_special_tokens=GROUNDING_TOKENS,
