@@ -108,7 +108,7 @@ class CheckpointConfig:
     raw: dict[str, Any] = field(repr=False, compare=False)
 
 
-def _get(cfg: dict, key: str, path: Path, where: str = "", default: Any = ..., kind: type | tuple = (int,)):
+def _get(cfg: dict, key: str, path: Path, where: str = "", *, default: Any = ..., kind: tuple = (int,)):
     name = f"{where}{key}"
     if key not in cfg or cfg[key] is None:
         if default is ...:
@@ -150,10 +150,10 @@ def parse_config(raw: dict[str, Any], path: Path = Path(CONFIG),
         num_attention_heads=_positive(_get(vc, "num_attention_heads", path, vpath), path,
                                       vpath + "num_attention_heads"),
         intermediate_size=_positive(_get(vc, "intermediate_size", path, vpath), path, vpath + "intermediate_size"),
-        patch_size=_positive(_get(vc, "patch_size", path, vpath, 14), path, vpath + "patch_size"),
-        image_size=_positive(_get(vc, "image_size", path, vpath, 980), path, vpath + "image_size"),
-        layer_norm_eps=float(_get(vc, "layer_norm_eps", path, vpath, 1e-6, num)),
-        hidden_act=_get(vc, "hidden_act", path, vpath, "gelu_pytorch_tanh", (str,)),
+        patch_size=_positive(_get(vc, "patch_size", path, vpath, default=14), path, vpath + "patch_size"),
+        image_size=_positive(_get(vc, "image_size", path, vpath, default=980), path, vpath + "image_size"),
+        layer_norm_eps=float(_get(vc, "layer_norm_eps", path, vpath, default=1e-6, kind=num)),
+        hidden_act=_get(vc, "hidden_act", path, vpath, default="gelu_pytorch_tanh", kind=(str,)),
     )
     if vision.hidden_size % vision.num_attention_heads:
         raise CheckpointError(path, f"hidden_size {vision.hidden_size} is not divisible by "
@@ -184,10 +184,10 @@ def parse_config(raw: dict[str, Any], path: Path = Path(CONFIG),
         head_dim=_positive(head_dim, path, "head_dim"),
         intermediate_size=_positive(_get(raw, "intermediate_size", path), path, "intermediate_size"),
         vocab_size=_positive(_get(raw, "vocab_size", path), path, "vocab_size"),
-        max_position_embeddings=_positive(_get(raw, "max_position_embeddings", path, 32768), path,
+        max_position_embeddings=_positive(_get(raw, "max_position_embeddings", path, default=32768), path,
                                           "max_position_embeddings"),
         rope_theta=float(rope_theta),
-        rms_norm_eps=float(_get(raw, "rms_norm_eps", path, 1e-6, num)),
+        rms_norm_eps=float(_get(raw, "rms_norm_eps", path, default=1e-6, kind=num)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         qkv_bias=facts.llm_qkv_bias,
         qk_norm=facts.llm_qk_norm,
@@ -196,7 +196,7 @@ def parse_config(raw: dict[str, Any], path: Path = Path(CONFIG),
         eos_token_id=raw.get("eos_token_id"),
     )
 
-    query_num = _positive(_get(raw, "query_num", path, facts.query_num), path, "query_num")
+    query_num = _positive(_get(raw, "query_num", path, default=facts.query_num), path, "query_num")
     if hidden % facts.resampler_head_dim:
         raise CheckpointError(path, f"{hidden} is not a multiple of the resampler head size "
                               f"{facts.resampler_head_dim}", "hidden_size")

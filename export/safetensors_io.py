@@ -109,26 +109,36 @@ _NUMPY_TO_ST = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dty
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A tensor to be written: name, shape, on-disk dtype, and a function producing float32 data."""
+    """A tensor to be written: name, shape, on-disk dtype, and a function yielding its float32 data
+    as consecutive chunks along the first axis (so a 2 GB embedding never sits in memory whole)."""
     name: str
     shape: tuple[int, ...]
     dtype: str  # "BF16", "F16" or "F32"
-    make: Callable[[], np.ndarray]
+    chunks: Callable[[], Iterable[np.ndarray]]
 
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(_STORAGE[self.dtype]).itemsize
 
 
-def _encode(spec: TensorSpec, data: np.ndarray) -> bytes | memoryview:
-    data = np.asarray(data)
-    if tuple(data.shape) != tuple(spec.shape):
-        raise ValueError(f"tensor {spec.name}: produced shape {data.shape}, expected {spec.shape}")
+def _encode(spec: TensorSpec, data: np.ndarray) -> memoryview:
     if spec.dtype == "BF16":
         out = f32_to_bf16_bits(data)
     else:
         out = np.ascontiguousarray(data, dtype=_STORAGE[spec.dtype])
     return memoryview(out.astype(out.dtype.newbyteorder("<"), copy=False)).cast("B")
+
+
+def _write_tensor(f, spec: TensorSpec) -> None:
+    rows, tail = 0, tuple(spec.shape[1:])
+    for chunk in spec.chunks():
+        chunk = np.asarray(chunk)
+        if tuple(chunk.shape[1:]) != tail and spec.shape:
+            raise ValueError(f"tensor {spec.name}: chunk shape {chunk.shape} does not fit {spec.shape}")
+        rows += chunk.shape[0] if spec.shape else 1
+        f.write(_encode(spec, chunk))
+    if rows != (spec.shape[0] if spec.shape else 1):
+        raise ValueError(f"tensor {spec.name}: produced {rows} rows, expected shape {spec.shape}")
 
 
 def write_safetensors(path: Path, specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None,
@@ -149,7 +159,7 @@ def write_safetensors(path: Path, specs: Iterable[TensorSpec], metadata: dict[st
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
             for s in specs:
-                f.write(_encode(s, s.make()))
+                _write_tensor(f, s)
                 if on_tensor:
                     on_tensor(s)
         os.replace(tmp, path)

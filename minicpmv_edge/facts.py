@@ -80,6 +80,7 @@ class ModelFacts:
     llm_muP_scaling: bool             # MiniCPM scale_emb/scale_depth/dim_model_base applied by runtimes
     # --- tokenizer and prompt
     tokenizer_kind: str               # "byte_bpe" (Qwen) or "spm_bpe" (Llama-style, byte fallback)
+    gguf_tokenizer_pre: str           # llama.cpp pre-tokenizer that splits text like the HF tokenizer
     bos_token: str | None             # prepended by the tokenizer, or None (Qwen adds none)
     chat_template: str                # template family: "qwen2" (ChatML + default system), "chatml", "qwen3" (thinking)
     default_system_prompt: str | None
@@ -138,6 +139,7 @@ MODEL_FACTS: Mapping[str, ModelFacts] = MappingProxyType({
         llm_qk_norm=False,
         llm_muP_scaling=False,
         tokenizer_kind="byte_bpe",
+        gguf_tokenizer_pre="qwen2",
         bos_token=None,
         chat_template="qwen2",
         default_system_prompt="You are a helpful assistant.",
@@ -175,6 +177,7 @@ MODEL_FACTS: Mapping[str, ModelFacts] = MappingProxyType({
         llm_qk_norm=False,
         llm_muP_scaling=False,
         tokenizer_kind="spm_bpe",
+        gguf_tokenizer_pre="default",
         bos_token="<s>",
         chat_template="chatml",
         default_system_prompt=None,
@@ -210,6 +213,7 @@ MODEL_FACTS: Mapping[str, ModelFacts] = MappingProxyType({
         llm_qk_norm=True,
         llm_muP_scaling=False,
         tokenizer_kind="byte_bpe",
+        gguf_tokenizer_pre="qwen2",
         bos_token=None,
         chat_template="qwen3",
         default_system_prompt=None,
@@ -247,6 +251,7 @@ MODEL_FACTS: Mapping[str, ModelFacts] = MappingProxyType({
         llm_qk_norm=True,
         llm_muP_scaling=False,
         tokenizer_kind="byte_bpe",
+        gguf_tokenizer_pre="qwen2",
         bos_token=None,
         chat_template="qwen3",
         default_system_prompt=None,

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set up everything in ./.venv: the runtime (llama-cpp-python, onnxruntime, ...), the export extra
+# (torch CPU build, transformers, onnx, coremltools), the test tools, and our native core.
+# Safe to re-run; a second run takes seconds.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/pip install --disable-pip-version-check -q)
+
+# torch first, pinned to the CPU build: a bare `torch` requirement would pull a multi-GB CUDA build.
+"${PIP[@]}" torch==2.13.0
+
+# llama-cpp-python compiles llama.cpp from source (about 8 minutes on 2 cores) the first time; pip
+# caches the wheel, so later environments on this machine install it in seconds. Portable x86 flags:
+# a wheel built with -march=native could crash with SIGILL on another CPU if the cache moves.
+LLAMA_CMAKE_ARGS="-DLLAMA_OPENSSL=OFF"
+if [ "$(uname -m)" = x86_64 ]; then
+  LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON $LLAMA_CMAKE_ARGS"
+fi
+if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+  echo "setup: installing llama-cpp-python (first build compiles llama.cpp, ~8 min)..."
+  CMAKE_ARGS="${CMAKE_ARGS:-$LLAMA_CMAKE_ARGS}" "${PIP[@]}" llama-cpp-python==0.3.36
+fi
+
+# Our package, editable, with its native core built by CMake through scikit-build-core.
+"${PIP[@]}" "scikit-build-core>=0.10"
+"${PIP[@]}" --no-build-isolation -e '.[export,dev]'
+echo "setup: done ($(.venv/bin/minicpmv-edge --version))"
