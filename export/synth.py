@@ -227,7 +227,10 @@ def _std(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
     return 0.0, 1.0 / np.sqrt(shape[-1])      # Linear weight [out, in]
 
 
-def _random_chunks(name: str, shape: tuple[int, ...], seed: int) -> Iterator[np.ndarray]:
+def _random_chunks(name: str, shape: tuple[int, ...], seed: int, live_rows: int | None = None
+                   ) -> Iterator[np.ndarray]:
+    """Random rows; rows from `live_rows` on are zero (vocabulary padding that no token uses, so a
+    random model never picks a padding id that the tokenizer cannot decode)."""
     mean, std = _std(name, shape)
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
@@ -238,6 +241,8 @@ def _random_chunks(name: str, shape: tuple[int, ...], seed: int) -> Iterator[np.
         block = rng.standard_normal((n, *shape[1:]), dtype=np.float32)
         block *= np.float32(std)
         block += np.float32(mean)
+        if live_rows is not None and start + n > live_rows:
+            block[max(live_rows - start, 0):] = 0.0
         yield block
 
 
@@ -274,7 +279,7 @@ def synthesize(version: str, size: str, out: str | Path, *, seed: int = 0, overw
              "temperature": facts.sampling.temperature, "top_p": facts.sampling.top_p,
              "top_k": facts.sampling.top_k, "repetition_penalty": facts.sampling.repetition_penalty},
             indent=2) + "\n")
-        _write_weights(p, staging, seed, progress)
+        _write_weights(p, staging, seed, progress, n_tokens)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
@@ -294,7 +299,10 @@ def _token_ids(facts: ModelFacts, folder: Path) -> dict[str, int]:
     return ids
 
 
-def _write_weights(p: SynthPlan, folder: Path, seed: int, progress: bool) -> None:
+_VOCAB_ROWS = ("llm.model.embed_tokens.weight", "llm.lm_head.weight")
+
+
+def _write_weights(p: SynthPlan, folder: Path, seed: int, progress: bool, n_tokens: int) -> None:
     bar = None
     if progress:
         from tqdm import tqdm
@@ -305,7 +313,9 @@ def _write_weights(p: SynthPlan, folder: Path, seed: int, progress: bool) -> Non
     for i, names in enumerate(p.shards, 1):
         fname = SINGLE_SAFETENSORS if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
         specs = [TensorSpec(name, p.tensors[name], "BF16",
-                            (lambda name=name: _random_chunks(name, p.tensors[name], seed))) for name in names]
+                            (lambda name=name: _random_chunks(name, p.tensors[name], seed,
+                                                              n_tokens if name in _VOCAB_ROWS else None)))
+                 for name in names]
         write_safetensors(folder / fname, specs, meta,
                           on_tensor=(lambda s: bar.update(s.nbytes)) if bar else None)
         weight_map.update({name: fname for name in names})

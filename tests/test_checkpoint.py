@@ -17,10 +17,9 @@ from minicpmv_edge.facts import SUPPORTED_VERSIONS, facts_for
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """One tiny synthetic checkpoint per version, written once for this module."""
-    root = tmp_path_factory.mktemp("ckpt")
-    return {v: synth.synthesize(v, "tiny", root / v, seed=1) for v in SUPPORTED_VERSIONS}
+def tiny(tiny_checkpoint):
+    """The session's tiny synthetic checkpoint of every version (read-only: tests copy before editing)."""
+    return {v: tiny_checkpoint(v) for v in SUPPORTED_VERSIONS}
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -64,6 +63,15 @@ def test_bf16_values_match_the_safetensors_library(tiny):
         assert np.array_equal(ours, theirs), name
 
 
+def test_vocab_padding_rows_are_zero(tiny):
+    ckpt = Checkpoint.open(tiny["4.5"])
+    n_tokens = len(json.loads((tiny["4.5"] / "tokenizer.json").read_text())["model"]["vocab"]) + len(
+        json.loads((tiny["4.5"] / "tokenizer.json").read_text())["added_tokens"])
+    assert ckpt.llm.vocab_size > n_tokens
+    head = ckpt.tensor("llm.lm_head.weight")
+    assert not head[n_tokens:].any() and head[n_tokens - 1].any()
+
+
 def test_synthetic_weights_have_sane_scales(tiny):
     ckpt = Checkpoint.open(tiny["2.6"])
     q = ckpt.tensor("llm.model.layers.0.self_attn.q_proj.weight")
@@ -82,7 +90,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
 
 
 def test_sharded_checkpoint_with_index(tmp_path, tiny):
-    out = synth.synthesize("2.6", "tiny", tmp_path / "sharded", seed=1, shard_bytes=200_000)
+    out = synth.synthesize("2.6", "tiny", tmp_path / "sharded", seed=0, shard_bytes=200_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"

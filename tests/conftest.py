@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny synthetic checkpoints, written once per test session and version."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Callable[[str], Path]:
+    """Factory: `tiny_checkpoint("4.5")` -> path of a tiny synthetic checkpoint of that version (seed 0).
+
+    One directory per version is written on first use and reused for the rest of the session; treat it as
+    read-only (copy it before changing anything)."""
+    from minicpmv_edge.export.synth import synthesize
+
+    root = tmp_path_factory.mktemp("tiny-ckpt")
+    made: dict[str, Path] = {}
+
+    def get(version: str) -> Path:
+        if version not in made:
+            made[version] = synthesize(version, "tiny", root / version.replace(".", "_"), seed=0)
+        return made[version]
+
+    return get
