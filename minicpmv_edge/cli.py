@@ -13,8 +13,9 @@ from minicpmv_edge.errors import MiniCPMVEdgeError, MissingExtraError
 # name -> (module, one-line help, extra the module needs)
 COMMANDS: dict[str, tuple[str, str, str | None]] = {
     "synth": ("minicpmv_edge.export.synth", "write a synthetic MiniCPM-V checkpoint (tiny, edge-4b, full)", "export"),
+    "export": ("minicpmv_edge.export.pipeline", "export a checkpoint: LLM GGUF ladder + llama.cpp mmproj", "export"),
     "inspect": ("minicpmv_edge.export.checkpoint", "read and validate a checkpoint directory, print a summary", None),
-    "demo": ("minicpmv_edge.demo", "synthesize a tiny model and run the whole pipeline on a generated image", "export"),
+    "demo": ("minicpmv_edge.demo", "synthesize a tiny model, export it, ask about a generated image", "export"),
 }
 
 _EXTRA_MODULES = {"torch", "transformers", "tokenizers", "safetensors", "onnx", "onnxscript", "coremltools"}

@@ -1,0 +1,129 @@
+"""`minicpmv-edge export`: one checkpoint in, every on-device artefact out.
+
+    minicpmv-edge export CHECKPOINT --out DIR --llm F16,Q4_K_M,Q8_0 --mmproj F16
+
+Writes `<name>-<TYPE>.gguf` for each LLM type (float types directly, quantized ones through
+llama.cpp's quantizer from the F16 file) and `mmproj-<name>-<type>.gguf` for llama.cpp's clip. Every
+file is written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minicpmv_edge.errors import MiniCPMVEdgeError
+
+from .checkpoint import Checkpoint
+from .gguf_llm import FLOAT_TYPES, write_llm_gguf
+from .gguf_mmproj import MMPROJ_TYPES, write_mmproj_gguf
+
+DEFAULT_LLM_TYPES = ("F16", "Q4_K_M", "Q8_0")
+
+
+@dataclass
+class ExportResult:
+    files: dict[str, Path] = field(default_factory=dict)      # "llm:Q4_K_M" / "mmproj:F16" -> path
+    notes: list[str] = field(default_factory=list)           # e.g. K-quant fallbacks on tiny models
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def parse_types(text: str, known: tuple[str, ...] | None, what: str) -> list[str]:
+    types = [t.strip().upper() for t in text.split(",") if t.strip()]
+    if not types:
+        raise MiniCPMVEdgeError(f"--{what}: no types given")
+    if known is not None:
+        bad = [t for t in types if t not in known]
+        if bad:
+            raise MiniCPMVEdgeError(f"--{what}: unknown type(s) {', '.join(bad)} (choose from {', '.join(known)})")
+    return list(dict.fromkeys(types))
+
+
+def _progress(desc: str, total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False)
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types: list[str] | None = None,
+                      mmproj_types: list[str] | None = None, name: str | None = None,
+                      threads: int | None = None,
+                      progress: bool = False) -> ExportResult:
+    from minicpmv_edge.quantize.gguf_ladder import LADDER, _ftype, ladder_name, quantize_gguf
+
+    ckpt = Checkpoint.open(checkpoint)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = name or ckpt.root.name
+    llm_types = list(DEFAULT_LLM_TYPES if llm_types is None else llm_types)
+    mmproj_types = ["F16"] if mmproj_types is None else list(mmproj_types)
+    for t in llm_types:
+        if t not in FLOAT_TYPES:
+            _ftype(t)   # raises for unknown quant types before any work starts
+    result = ExportResult()
+
+    # Float files first; quantized ones are made from F16 (written even if not asked for, then removed).
+    quant = [t for t in llm_types if t not in FLOAT_TYPES]
+    floats = [t for t in llm_types if t in FLOAT_TYPES]
+    temp_f16 = bool(quant) and "F16" not in floats
+    if temp_f16:
+        floats.append("F16")
+    llm_bytes = sum(ckpt.tensors[n].numel for n in ckpt.names("llm"))
+    for t in floats:
+        t0 = time.perf_counter()
+        bar = _progress(f"LLM {t}", llm_bytes * (4 if t == "F32" else 2), progress)
+        path = write_llm_gguf(ckpt, out_dir / ladder_name(name, t), t,
+                              on_tensor=(lambda _n, nb: bar.update(nb)) if bar else None)
+        if bar:
+            bar.close()
+        result.files[f"llm:{t}"] = path
+        result.seconds[f"llm:{t}"] = time.perf_counter() - t0
+    for t in quant:
+        t0 = time.perf_counter()
+        if progress:
+            print(f"quantizing {name} -> {t}", flush=True)
+        report = quantize_gguf(result.files["llm:F16"], out_dir / ladder_name(name, t), t, nthread=threads)
+        result.files[f"llm:{t}"] = report.path
+        result.seconds[f"llm:{t}"] = time.perf_counter() - t0
+        if report.fallback_types:
+            fell = ", ".join(f"{k}×{v}" for k, v in sorted(report.fallback_types.items()))
+            result.notes.append(f"{t}: llama.cpp used {fell} for tensors whose rows are not a multiple of "
+                                f"the 256-value K-quant block")
+    if temp_f16:
+        result.files.pop("llm:F16").unlink()
+
+    for t in mmproj_types:
+        t0 = time.perf_counter()
+        path = write_mmproj_gguf(ckpt, out_dir / f"mmproj-{name}-{t}.gguf", t)
+        result.files[f"mmproj:{t}"] = path
+        result.seconds[f"mmproj:{t}"] = time.perf_counter() - t0
+    unknown = [t for t in quant if t not in LADDER]
+    if unknown:
+        result.notes.append(f"types outside the tested ladder: {', '.join(unknown)}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="minicpmv-edge export", description=__doc__.strip().splitlines()[0])
+    ap.add_argument("checkpoint", type=Path, help="Hugging Face MiniCPM-V checkpoint folder")
+    ap.add_argument("--out", type=Path, required=True, help="output folder")
+    ap.add_argument("--llm", default=",".join(DEFAULT_LLM_TYPES),
+                    help="comma-separated LLM GGUF types: F32, F16, BF16 and llama.cpp quant types "
+                         "(Q2_K, Q3_K_M, Q4_0, Q4_K_S, Q4_K_M, IQ4_NL, Q5_K_M, Q6_K, Q8_0, ...); 'none' to skip")
+    ap.add_argument("--mmproj", default="F16", help=f"mmproj types ({', '.join(MMPROJ_TYPES)}) or 'none'")
+    ap.add_argument("--name", help="file name stem (default: the checkpoint folder's name)")
+    ap.add_argument("--threads", type=int, help="quantizer threads (default: all cores)")
+    args = ap.parse_args(argv)
+    llm = [] if args.llm.lower() == "none" else parse_types(args.llm, None, "llm")
+    mmproj = [] if args.mmproj.lower() == "none" else parse_types(args.mmproj, MMPROJ_TYPES, "mmproj")
+    t0 = time.perf_counter()
+    res = export_checkpoint(args.checkpoint, args.out, llm_types=llm, mmproj_types=mmproj, name=args.name,
+                            threads=args.threads, progress=True)
+    for key, path in res.files.items():
+        print(f"  {key:<14} {path}  ({path.stat().st_size / 2**20:.1f} MiB, {res.seconds[key]:.1f} s)")
+    for note in res.notes:
+        print(f"  note: {note}")
+    print(f"exported {args.checkpoint} to {args.out} in {time.perf_counter() - t0:.1f} s")
+    return 0
