@@ -77,6 +77,8 @@ def quantize_gguf(src: str | Path, dst: str | Path, qtype: str, *, nthread: int 
     """Quantize `src` (F16/BF16/F32 GGUF) to `qtype` at `dst`; temporary name until complete."""
     import llama_cpp
 
+    from minicpmv_edge.runtime import llamacpp_log
+    llamacpp_log.install()
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise MiniCPMVEdgeError(f"{src}: file not found")
@@ -87,8 +89,8 @@ def quantize_gguf(src: str | Path, dst: str | Path, qtype: str, *, nthread: int 
     try:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0 or not tmp.is_file():
-            raise MiniCPMVEdgeError(f"llama.cpp could not quantize {src.name} to {qtype} (code {rc}); "
-                                    "its log above says why")
+            raise MiniCPMVEdgeError(llamacpp_log.explain(
+                f"llama.cpp could not quantize {src.name} to {qtype} (code {rc})"))
         os.replace(tmp, dst)
     finally:
         if tmp.exists():
