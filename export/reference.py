@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minicpmv_edge.facts import IMAGE_TOKENS
+from minicpmv_edge.runtime.preprocess import image_placeholder, preprocess_image
 
 from .checkpoint import Checkpoint, ResamplerConfig, VisionConfig
 
@@ -475,23 +476,6 @@ def build_llm(ckpt: Checkpoint, attn_implementation: str = "eager") -> nn.Module
 # Prompt grammar
 # =============================================================================================
 
-def image_placeholder(grid: tuple[int, int] | None, index: int, *, use_image_id: bool, query_num: int,
-                      tokens: dict[str, str] = IMAGE_TOKENS) -> str:
-    """HF `get_slice_image_placeholder`: [<image_id>i</image_id>]<image>unk*Q</image> + slice rows.
-
-    grid = (cols, rows) of the refined slices or None when the image was not sliced; rows are joined by
-    "\\n", with no newline between </image> and the first <slice> and none after the last row.
-    """
-    unk = tokens["image_pad"] * query_num
-    text = f"{tokens['image_id_start']}{index}{tokens['image_id_end']}" if use_image_id else ""
-    text += tokens["image_start"] + unk + tokens["image_end"]
-    if grid is not None:
-        cols, rows = grid
-        row = (tokens["slice_start"] + unk + tokens["slice_end"]) * cols
-        text += "\n".join([row] * rows)
-    return text
-
-
 @dataclass
 class Prompt:
     """A rendered prompt: the text fed to the tokenizer, its ids, and the images in prompt order."""
@@ -533,7 +517,6 @@ class MiniCPMVReference:
     # --- vision
     def preprocess(self, image, max_slice_nums: int | None = None):
         """runtime.preprocess with this checkpoint's preprocessing settings."""
-        from minicpmv_edge.runtime.preprocess import preprocess_image
 
         pp = self.ckpt.preprocess
         return preprocess_image(image, max_slice_nums=pp.max_slice_nums if max_slice_nums is None else max_slice_nums,
@@ -569,7 +552,8 @@ class MiniCPMVReference:
     # --- prompt
     def placeholder(self, grid, index: int, use_image_id: bool | None = None) -> str:
         uid = self.ckpt.preprocess.use_image_id if use_image_id is None else use_image_id
-        return image_placeholder(grid, index, use_image_id=uid, query_num=self.query_num)
+        return image_placeholder(grid, index, use_image_id=uid, query_num=self.query_num,
+                                 tokens=self.facts.special_tokens)
 
     def render(self, messages: Sequence[dict], images: Sequence[Any] | None = None,
                enable_thinking: bool | None = None, system_prompt: str | None = None) -> tuple[str, list[Any]]:
@@ -701,5 +685,5 @@ class MiniCPMVReference:
 
 
 __all__ = ["VisionTower", "Resampler", "ResamplerAttention", "MiniCPMVReference", "Prompt", "IMAGE_TAG",
-           "navit_position_ids", "hf_strip_layout", "sincos_2d", "temporal_sincos", "image_placeholder",
+           "navit_position_ids", "hf_strip_layout", "sincos_2d", "temporal_sincos",
            "rope_parameters", "llm_config", "llm_state_dict", "build_llm"]

@@ -315,25 +315,6 @@ def test_rope_parameters_from_config_fields():
 # Prompt grammar and end to end
 
 
-def test_image_placeholder_grammar():
-    text = R.image_placeholder((3, 2), 1, use_image_id=True, query_num=2)
-    assert text == ("<image_id>1</image_id><image><unk><unk></image>"
-                    "<slice><unk><unk></slice><slice><unk><unk></slice><slice><unk><unk></slice>\n"
-                    "<slice><unk><unk></slice><slice><unk><unk></slice><slice><unk><unk></slice>")
-    assert R.image_placeholder(None, 0, use_image_id=False, query_num=1) == "<image><unk></image>"
-
-
-def test_image_placeholder_matches_runtime_preprocess():
-    pre = pytest.importorskip("minicpmv_edge.runtime.preprocess")
-    fn = getattr(pre, "image_placeholder", None)
-    if fn is None:
-        pytest.skip("runtime.preprocess has no image_placeholder")
-    from minicpmv_edge.facts import IMAGE_TOKENS
-    for grid, idx, uid in [(None, 0, True), ((3, 2), 2, True), ((1, 2), 0, False)]:
-        assert fn(grid, idx, use_image_id=uid, query_num=64, tokens=IMAGE_TOKENS) == \
-            R.image_placeholder(grid, idx, use_image_id=uid, query_num=64)
-
-
 def _image(seed: int, size=(448, 448)):
     from PIL import Image
 
