@@ -1,0 +1,292 @@
+"""The LLM side of the runtime: llama.cpp through llama-cpp-python's low-level API, with image
+embeddings injected as rows of a `llama_batch` (no torch, no mtmd).
+
+A prompt is a list of segments: text token ids, or a block of embedding rows (one image slice, 64 x D).
+Each position gets a key ("t", token id) or ("e", content hash, row), and the decoder remembers the keys
+it has in its KV cache: a new prompt that starts with the same keys (a follow-up question, the same image
+again) is prefilled only from the first difference.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+
+import numpy as np
+
+from minicpmv_edge.errors import MiniCPMVEdgeError
+
+from . import llamacpp_log
+
+GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
+
+
+class ContextOverflowError(MiniCPMVEdgeError):
+    """The prompt plus the answer would not fit in the context window."""
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Rows to inject at consecutive positions, with a key that identifies their content."""
+    rows: np.ndarray          # [n, D] float32
+    key: str                  # e.g. content hash of the image + preprocessing + slice index
+
+
+Segment = Union[Sequence[int], Embeddings]
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0          # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                    # 0 = off
+    repetition_penalty: float = 1.0   # 1 = off; applied to tokens seen in the last `penalty_last_n`
+    penalty_last_n: int = 64
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
+            raise MiniCPMVEdgeError(f"invalid sampling parameters: {self}")
+
+
+class Sampler:
+    """Repetition penalty -> temperature -> top-k -> top-p -> draw, in numpy, seeded."""
+
+    def __init__(self, params: SamplingParams):
+        params.validate()
+        self.p = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
+        p = self.p
+        logits = np.array(logits, dtype=np.float64)
+        if p.repetition_penalty != 1.0 and history:
+            seen = np.unique(np.asarray(history[-p.penalty_last_n:], dtype=np.int64))
+            seen = seen[seen < logits.size]
+            vals = logits[seen]
+            logits[seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if p.temperature == 0:
+            return int(np.argmax(logits))
+        logits /= p.temperature
+        if p.top_k and p.top_k < logits.size:
+            kth = np.partition(logits, -p.top_k)[-p.top_k]
+            logits[logits < kth] = -np.inf
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            order = np.argsort(-probs)
+            cum = np.cumsum(probs[order])
+            keep = order[: int(np.searchsorted(cum, p.top_p) + 1)]
+            mask = np.zeros_like(probs)
+            mask[keep] = probs[keep]
+            probs = mask / mask.sum()
+        return int(self.rng.choice(probs.size, p=probs))
+
+
+class Decoder:
+    """One llama.cpp model + context (one sequence). Not thread-safe: callers serialise requests."""
+
+    def __init__(self, gguf_path: str | Path, *, n_ctx: int = 4096, n_batch: int = 512, threads: int | None = None,
+                 exact: bool = False):
+        """exact=True keeps the KV cache in f32 and disables flash attention, so logits match a float32
+        reference to ~1e-6 (the defaults round K/V to f16: ~1e-3)."""
+        import llama_cpp
+
+        self._lc = llama_cpp
+        llamacpp_log.install()
+        llama_cpp.llama_backend_init()
+        path = Path(gguf_path)
+        if not path.is_file():
+            raise MiniCPMVEdgeError(f"{path}: file not found")
+        mparams = llama_cpp.llama_model_default_params()
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self.model:
+            raise MiniCPMVEdgeError(llamacpp_log.explain(f"{path}: llama.cpp could not load this GGUF"))
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = cparams.n_ubatch = n_batch
+        threads = threads or 2
+        cparams.n_threads = cparams.n_threads_batch = threads
+        if exact:
+            cparams.type_k = cparams.type_v = GGML_TYPE_F32
+            cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise MiniCPMVEdgeError(llamacpp_log.explain(f"{path}: llama.cpp could not create a context"))
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = llama_cpp.llama_model_n_embd_inp(self.model)
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.n_batch = n_batch
+        self._mem = llama_cpp.llama_get_memory(self.ctx)
+        self._keys: list[tuple] = []     # one key per position held in the KV cache
+        self.path = path
+
+    # ----- text
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (self._lc.llama_token * cap)()
+        n = self._lc.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            buf = (self._lc.llama_token * -n)()
+            n = self._lc.llama_tokenize(self.vocab, data, len(data), buf, -n, add_special, parse_special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self._lc.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._lc.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
+        return b"".join(self.token_bytes(t, special) for t in tokens).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._lc.llama_vocab_is_eog(self.vocab, token))
+
+    # ----- KV cache bookkeeping
+    @property
+    def n_past(self) -> int:
+        return len(self._keys)
+
+    def reset(self) -> None:
+        self._lc.llama_memory_clear(self._mem, True)
+        self._keys = []
+
+    def _truncate(self, n_keep: int) -> None:
+        if n_keep < len(self._keys):
+            if not self._lc.llama_memory_seq_rm(self._mem, 0, n_keep, -1):
+                self.reset()     # the cache could not drop a suffix (e.g. recurrent memory): start over
+                return
+            del self._keys[n_keep:]
+
+    @staticmethod
+    def _segment_keys(seg: Segment) -> list[tuple]:
+        if isinstance(seg, Embeddings):
+            return [("e", seg.key, i) for i in range(seg.rows.shape[0])]
+        return [("t", int(t)) for t in seg]
+
+    # ----- prefill / decode
+    def _decode_batch(self, *, tokens: Sequence[int] | None = None, rows: np.ndarray | None = None,
+                      want_logits: bool) -> None:
+        lc = self._lc
+        n = len(tokens) if tokens is not None else rows.shape[0]
+        p0 = len(self._keys)
+        if p0 + n > self.n_ctx:
+            raise ContextOverflowError(f"the prompt needs {p0 + n} positions but the context holds {self.n_ctx} "
+                                       f"(raise n_ctx, use fewer slices or images, or shorten the text)")
+        batch = lc.llama_batch_init(n, self.n_embd if rows is not None else 0, 1)
+        try:
+            if rows is not None:
+                rows = np.ascontiguousarray(rows, dtype=np.float32)
+                if rows.shape[1] != self.n_embd:
+                    raise MiniCPMVEdgeError(f"embedding width {rows.shape[1]} != LLM input width {self.n_embd} "
+                                            "(vision files from another model?)")
+                ctypes.memmove(batch.embd, rows.ctypes.data, rows.nbytes)
+            for i in range(n):
+                if tokens is not None:
+                    batch.token[i] = int(tokens[i])
+                batch.pos[i] = p0 + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = want_logits and i == n - 1
+            batch.n_tokens = n
+            rc = lc.llama_decode(self.ctx, batch)
+            if rc != 0:
+                raise MiniCPMVEdgeError(llamacpp_log.explain(f"llama_decode failed (code {rc})"))
+        finally:
+            lc.llama_batch_free(batch)
+
+    def prefill(self, segments: Sequence[Segment]) -> np.ndarray:
+        """Bring the KV cache to exactly `segments` (reusing the longest common prefix already cached) and
+        return the logits for the next token. Returns the number of positions actually computed in
+        `self.last_prefill_positions`."""
+        keys = [k for seg in segments for k in self._segment_keys(seg)]
+        if not keys:
+            raise MiniCPMVEdgeError("empty prompt")
+        if len(keys) >= self.n_ctx:
+            raise ContextOverflowError(f"the prompt is {len(keys)} positions long but the context holds "
+                                       f"{self.n_ctx} (raise n_ctx, use fewer slices or images, or shorten the text)")
+        common = 0
+        for a, b in zip(self._keys, keys):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(keys) - 1)   # always recompute the last position to get its logits
+        self._truncate(common)
+        self.last_prefill_positions = len(keys) - common
+        pos = 0
+        for seg in segments:
+            seg_keys = self._segment_keys(seg)
+            start, end = pos, pos + len(seg_keys)
+            pos = end
+            if end <= common:
+                continue
+            skip = max(common - start, 0)
+            if isinstance(seg, Embeddings):
+                rows = seg.rows[skip:]
+                for i in range(0, rows.shape[0], self.n_batch):
+                    part = rows[i:i + self.n_batch]
+                    self._decode_batch(rows=part, want_logits=end == len(keys) and i + len(part) == len(rows))
+                    self._keys.extend(seg_keys[skip + i: skip + i + len(part)])
+            else:
+                toks = list(seg)[skip:]
+                for i in range(0, len(toks), self.n_batch):
+                    part = toks[i:i + self.n_batch]
+                    self._decode_batch(tokens=part, want_logits=end == len(keys) and i + len(part) == len(toks))
+                    self._keys.extend(seg_keys[skip + i: skip + i + len(part)])
+        return self.logits()
+
+    def logits(self) -> np.ndarray:
+        ptr = self._lc.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def step(self, token: int) -> np.ndarray:
+        """Append one token and return the next logits."""
+        self._decode_batch(tokens=[token], want_logits=True)
+        self._keys.append(("t", int(token)))
+        return self.logits()
+
+    def generate(self, segments: Sequence[Segment], *, max_tokens: int, sampling: SamplingParams | None = None,
+                 stop_ids: Sequence[int] = ()) -> Iterator[int]:
+        """Prefill, then yield sampled token ids until a stop/end-of-generation token (not yielded) or
+        `max_tokens`. The KV cache then holds the prompt and the answer, ready for a follow-up."""
+        sampler = Sampler(sampling or SamplingParams())
+        stops = set(int(s) for s in stop_ids)
+        logits = self.prefill(segments)
+        history = [k[1] for k in self._keys if k[0] == "t"]
+        for _ in range(max_tokens):
+            tok = sampler(logits, history)
+            if tok in stops or self.is_eog(tok):
+                # keep the stop token in the cache: the next turn's prompt continues after it
+                if self.n_past < self.n_ctx:
+                    self._decode_batch(tokens=[tok], want_logits=False)
+                    self._keys.append(("t", tok))
+                return
+            yield tok
+            history.append(tok)
+            if self.n_past + 1 > self.n_ctx:
+                raise ContextOverflowError(f"the answer reached the end of the {self.n_ctx}-token context")
+            logits = self.step(tok)
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self._lc.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            self._lc.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self) -> "Decoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
