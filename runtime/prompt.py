@@ -1,0 +1,92 @@
+"""Prompt building for the runtime, as the HF `model.chat` does it, without transformers:
+
+1. each message's content items become strings, an image becoming the tag `(<image>./</image>)`, joined by "\\n";
+2. the version's chat template (shipped jinja, rendered in a sandbox) turns the messages into text, with
+   `enable_thinking` for templates that have the switch;
+3. each tag is replaced, in order, by that image's placeholder (`[<image_id>i</image_id>]<image>` + 64 pads +
+   `</image>` + slice rows);
+4. after tokenization, each run of pad tokens inside `<image>`/`<slice>` pairs is where one slice's
+   embeddings go.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Mapping, Sequence
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from minicpmv_edge.errors import MiniCPMVEdgeError
+
+from .preprocess import image_placeholder
+
+IMAGE_TAG = "(<image>./</image>)"
+
+
+class PromptError(MiniCPMVEdgeError):
+    pass
+
+
+def _raise(message: str):
+    raise TemplateError(message)
+
+
+_ENV = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+_ENV.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """What the bundle says about prompts (see facts.py for where each value comes from)."""
+    chat_template: str
+    special_tokens: Mapping[str, str]     # roles -> strings (image_start, slice_start, image_pad, ...)
+    use_image_id: bool
+    query_num: int
+    thinking: bool
+    default_system_prompt: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+
+
+def render(fmt: PromptFormat, messages: Sequence[Mapping[str, Any]], *, enable_thinking: bool | None = None,
+           add_generation_prompt: bool = True) -> str:
+    """Messages whose content is already text (images as IMAGE_TAG) -> the templated prompt text."""
+    extra: dict[str, Any] = {}
+    if fmt.thinking:
+        extra["enable_thinking"] = bool(enable_thinking)
+    elif enable_thinking:
+        raise PromptError("this model's chat template has no thinking mode")
+    try:
+        template = _ENV.from_string(fmt.chat_template)
+        return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                               bos_token=fmt.bos_token or "", eos_token=fmt.eos_token or "", **extra)
+    except TemplateError as exc:
+        raise PromptError(f"chat template error: {exc}") from None
+
+
+def expand_images(text: str, grids: Sequence[tuple[int, int] | None], fmt: PromptFormat, *,
+                  use_image_id: bool | None = None) -> str:
+    """Replace each IMAGE_TAG, in order, by its placeholder (image ids count from 0 over the prompt)."""
+    chunks = text.split(IMAGE_TAG)
+    if len(chunks) - 1 != len(grids):
+        raise PromptError(f"the prompt has {len(chunks) - 1} image tags for {len(grids)} images")
+    uid = fmt.use_image_id if use_image_id is None else use_image_id
+    out = [chunks[0]]
+    for i, (grid, chunk) in enumerate(zip(grids, chunks[1:])):
+        out.append(image_placeholder(grid, i, use_image_id=uid, query_num=fmt.query_num,
+                                     tokens=fmt.special_tokens))
+        out.append(chunk)
+    return "".join(out)
+
+
+def image_spans(ids: Sequence[int], open_ids: set[int], close_ids: set[int]) -> list[tuple[int, int]]:
+    """[start, end) of the pad tokens between every opening and closing image/slice token, in order."""
+    spans, start = [], None
+    for i, tid in enumerate(ids):
+        if tid in open_ids:
+            start = i + 1
+        elif tid in close_ids and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
