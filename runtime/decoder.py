@@ -9,6 +9,7 @@ again) is prefilled only from the first difference.
 from __future__ import annotations
 
 import ctypes
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence, Union
@@ -120,6 +121,8 @@ class Decoder:
         self.n_embd = llama_cpp.llama_model_n_embd_inp(self.model)
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         self.n_batch = n_batch
+        self.last_prefill_positions = 0
+        self.last_prefill_s = 0.0
         self._mem = llama_cpp.llama_get_memory(self.ctx)
         self._keys: list[tuple] = []     # one key per position held in the KV cache
         self.path = path
@@ -258,7 +261,9 @@ class Decoder:
         `max_tokens`. The KV cache then holds the prompt and the answer, ready for a follow-up."""
         sampler = Sampler(sampling or SamplingParams())
         stops = set(int(s) for s in stop_ids)
+        t0 = time.perf_counter()
         logits = self.prefill(segments)
+        self.last_prefill_s = time.perf_counter() - t0
         history = [k[1] for k in self._keys if k[0] == "t"]
         for _ in range(max_tokens):
             tok = sampler(logits, history)

@@ -1,0 +1,333 @@
+"""The user-facing runtime: ask a model about images, stream the answer, keep the conversation warm.
+
+    model = minicpmv_edge.load("bundle/")
+    answer = model.chat([{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "photo.jpg"}}, {"type": "text", "text": "What is this?"}]}])
+    print(answer.text, answer.timings)
+
+Pipeline per request: load + slice + normalise each image (cached by content), ViT per slice (ONNX Runtime),
+resampler per slice (native kernels, numpy fallback), chat template + image placeholders, then llama.cpp
+with the slice embeddings injected at the placeholder positions. The KV cache survives between calls, so
+a follow-up question that repeats the conversation so far prefills only the new tokens.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from minicpmv_edge.errors import MiniCPMVEdgeError
+from minicpmv_edge.facts import ModelFacts
+
+from .decoder import Decoder, Embeddings, SamplingParams
+from .images import LoadedImage, load_image
+from .preprocess import DEFAULT_MAX_PIXELS, PreprocessedImage, preprocess_image
+from .prompt import IMAGE_TAG, PromptFormat, expand_images, image_spans, render
+from .vision import VisionBackend
+
+# (patch features [N, C], (h, w)) -> [Q, D] slice embeddings
+Resample = Callable[[np.ndarray, tuple[int, int]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    slice_size: int = 448
+    patch_size: int = 14
+    max_slice_nums: int = 9
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    slicing: str = "llava_uhd"
+    num_patches_per_side: int = 70
+
+
+@dataclass
+class Timings:
+    """Seconds per stage of one answer (first_token is measured from the call, i.e. TTFT)."""
+    preprocess: float = 0.0
+    vision: float = 0.0
+    resampler: float = 0.0
+    prefill: float = 0.0
+    first_token: float = 0.0
+    decode: float = 0.0
+    prompt_tokens: int = 0
+    prefilled_tokens: int = 0        # positions actually computed (the rest came from the KV cache)
+    completion_tokens: int = 0
+    slices: int = 0
+    image_cache_hits: int = 0
+
+    @property
+    def decode_tok_s(self) -> float:
+        n = self.completion_tokens - 1
+        return n / self.decode if n > 0 and self.decode > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        d = dict(self.__dict__)
+        d["decode_tok_s"] = self.decode_tok_s
+        return d
+
+
+@dataclass
+class ChatResult:
+    text: str                        # the answer (after </think> when thinking)
+    reasoning: str | None            # the thinking part, when thinking was on
+    token_ids: list[int]
+    finish_reason: str               # "stop" or "length"
+    timings: Timings
+
+
+@dataclass
+class StreamEvent:
+    delta: str                       # new text since the previous event ("" on the final event)
+    token_id: int | None
+    result: ChatResult | None = None  # set on the final event only
+    reasoning: bool = False          # the delta belongs to the thinking part
+
+
+@dataclass
+class _Encoded:
+    grid: tuple[int, int] | None
+    blocks: list[np.ndarray]         # one [Q, D] array per slice, overview first
+    key: str
+
+
+@dataclass
+class _Request:
+    messages: list[dict[str, Any]]   # content flattened to text with IMAGE_TAGs
+    images: list[Any] = field(default_factory=list)
+
+
+def _part_image(part: Mapping[str, Any]) -> Any:
+    if part.get("type") == "image_url":
+        url = part.get("image_url")
+        return url.get("url") if isinstance(url, Mapping) else url
+    return part.get("image")
+
+
+def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> _Request:
+    """OpenAI-shaped messages (content a string or a list of text / image_url / image parts, or PIL images)
+    -> text messages with one IMAGE_TAG per image (items joined by "\\n", as `model.chat` does) + the images."""
+    if not messages:
+        raise MiniCPMVEdgeError("messages: empty")
+    out = _Request([])
+    for n, msg in enumerate(messages):
+        if not isinstance(msg, Mapping) or "role" not in msg:
+            raise MiniCPMVEdgeError(f"messages[{n}]: expected an object with 'role' and 'content'")
+        role, content = msg["role"], msg.get("content")
+        if role not in ("system", "user", "assistant"):
+            raise MiniCPMVEdgeError(f"messages[{n}].role: {role!r} is not system, user or assistant")
+        items = [content] if isinstance(content, str) or content is None else content
+        if not isinstance(items, (list, tuple)):
+            raise MiniCPMVEdgeError(f"messages[{n}].content: expected a string or a list of parts")
+        parts: list[str] = []
+        for k, item in enumerate(items):
+            if item is None:
+                continue
+            if isinstance(item, str):
+                parts.append(item)
+            elif isinstance(item, Mapping) and item.get("type") == "text":
+                if not isinstance(item.get("text"), str):
+                    raise MiniCPMVEdgeError(f"messages[{n}].content[{k}].text: expected a string")
+                parts.append(item["text"])
+            elif isinstance(item, Mapping) and item.get("type") in ("image_url", "image"):
+                if role != "user":
+                    raise MiniCPMVEdgeError(f"messages[{n}]: images are only accepted in user messages")
+                src = _part_image(item)
+                if src is None:
+                    raise MiniCPMVEdgeError(f"messages[{n}].content[{k}]: image part without an image")
+                out.images.append(src)
+                parts.append(IMAGE_TAG)
+            elif not isinstance(item, Mapping):   # a PIL image, bytes or a path object
+                out.images.append(item)
+                parts.append(IMAGE_TAG)
+            else:
+                raise MiniCPMVEdgeError(f"messages[{n}].content[{k}].type: {item.get('type')!r} is not supported")
+        out.messages.append({"role": role, "content": "\n".join(parts)})
+    return out
+
+
+class _Utf8Stream:
+    """Token bytes -> text deltas that never split a UTF-8 character."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def push(self, data: bytes) -> str:
+        self.pending += data
+        for cut in range(len(self.pending), max(len(self.pending) - 4, -1), -1):
+            try:
+                text = self.pending[:cut].decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            self.pending = self.pending[cut:]
+            return text
+        return ""
+
+    def flush(self) -> str:
+        text, self.pending = self.pending.decode("utf-8", "replace"), b""
+        return text
+
+
+class MiniCPMV:
+    """One loaded model. Calls are serialised by the caller (the server queues requests)."""
+
+    def __init__(self, *, facts: ModelFacts, decoder: Decoder, vision: VisionBackend, resample: Resample,
+                 prompt_format: PromptFormat, preprocess: PreprocessConfig, image_cache_size: int = 32,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.facts, self.decoder, self.vision, self.resample = facts, decoder, vision, resample
+        self.prompt_format, self.preprocess_config = prompt_format, preprocess
+        self.max_pixels = max_pixels
+        self._cache: OrderedDict[str, _Encoded] = OrderedDict()
+        self._cache_size = image_cache_size
+        self.stop_ids = [self._single_id(t) for t in facts.stop_tokens]
+        tok = facts.special_tokens
+        self._open_ids = {self._single_id(tok["image_start"]), self._single_id(tok["slice_start"])}
+        self._close_ids = {self._single_id(tok["image_end"]), self._single_id(tok["slice_end"])}
+        # (<think>, </think>) ids, so reasoning is split by token and not by text the detokenizer may hide
+        self._think_ids = ((self._single_id(tok["think_start"]), self._single_id(tok["think_end"]))
+                           if facts.thinking else ())
+
+    def _single_id(self, token: str) -> int:
+        ids = self.decoder.tokenize(token, parse_special=True)
+        if len(ids) != 1:
+            raise MiniCPMVEdgeError(f"special token {token!r} is not a single token in this model's vocabulary")
+        return ids[0]
+
+    # ----- images
+    def _encode_image(self, source: Any, max_slices: int, t: Timings) -> _Encoded:
+        cfg = self.preprocess_config
+        t0 = time.perf_counter()
+        loaded: LoadedImage = load_image(source, max_pixels=self.max_pixels)
+        key = f"{loaded.digest}:{max_slices}:{cfg.slice_size}:{cfg.slicing}"
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            t.image_cache_hits += 1
+            t.preprocess += time.perf_counter() - t0
+            return hit
+        pre: PreprocessedImage = preprocess_image(
+            loaded.image, max_slice_nums=max_slices, slice_size=cfg.slice_size, patch_size=cfg.patch_size,
+            mean=cfg.mean, std=cfg.std, slicing=cfg.slicing, max_pixels=self.max_pixels)
+        t.preprocess += time.perf_counter() - t0
+        blocks = []
+        for s in pre.slices:
+            t1 = time.perf_counter()
+            feats = self.vision.encode(s)
+            t2 = time.perf_counter()
+            blocks.append(np.asarray(self.resample(feats, tuple(s.tgt_size)), dtype=np.float32))
+            t.vision += t2 - t1
+            t.resampler += time.perf_counter() - t2
+            t.slices += 1
+        enc = _Encoded(pre.grid, blocks, key)
+        self._cache[key] = enc
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return enc
+
+    # ----- prompt
+    def _segments(self, req: _Request, encoded: list[_Encoded], thinking: bool) -> tuple[list, int]:
+        fmt = self.prompt_format
+        text = render(fmt, req.messages, enable_thinking=thinking if fmt.thinking else None)
+        text = expand_images(text, [e.grid for e in encoded], fmt)
+        ids = self.decoder.tokenize(text, add_special=self.facts.bos_token is not None, parse_special=True)
+        blocks = [(e.key, i, b) for e in encoded for i, b in enumerate(e.blocks)]
+        spans = image_spans(ids, self._open_ids, self._close_ids)
+        if len(spans) != len(blocks):
+            raise MiniCPMVEdgeError(f"the prompt has {len(spans)} image slots for {len(blocks)} slice embeddings")
+        segments: list = []
+        prev = 0
+        for (start, end), (key, i, block) in zip(spans, blocks):
+            if end - start != block.shape[0]:
+                raise MiniCPMVEdgeError(f"an image slot holds {end - start} tokens, the resampler made "
+                                        f"{block.shape[0]} rows")
+            segments.append(ids[prev:start])
+            segments.append(Embeddings(block, f"{key}#{i}"))
+            prev = end
+        segments.append(ids[prev:])
+        return [s for s in segments if isinstance(s, Embeddings) or len(s)], len(ids)
+
+    # ----- chat
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, thinking: bool = False,
+             seed: int | None = None, max_tokens: int = 512, max_slices: int | None = None,
+             temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+             repetition_penalty: float | None = None, greedy: bool = False) -> ChatResult | Iterator[StreamEvent]:
+        """Answer the conversation. `greedy=True` ignores the sampling defaults (argmax); otherwise unset
+        parameters take the model's recommended values from the facts table."""
+        events = self._run(messages, thinking=thinking, seed=seed, max_tokens=max_tokens, max_slices=max_slices,
+                           sampling=self._sampling(temperature, top_p, top_k, repetition_penalty, seed, greedy))
+        if stream:
+            return events
+        for ev in events:
+            if ev.result is not None:
+                return ev.result
+        raise MiniCPMVEdgeError("generation ended without a result")   # unreachable
+
+    def _sampling(self, temperature, top_p, top_k, repetition_penalty, seed, greedy) -> SamplingParams:
+        d = self.facts.sampling
+        if greedy:
+            return SamplingParams(temperature=0.0, seed=seed)
+        return SamplingParams(temperature=d.temperature if temperature is None else temperature,
+                              top_p=d.top_p if top_p is None else top_p,
+                              top_k=d.top_k if top_k is None else top_k,
+                              repetition_penalty=d.repetition_penalty if repetition_penalty is None
+                              else repetition_penalty, seed=seed)
+
+    def _run(self, messages, *, thinking, seed, max_tokens, max_slices, sampling) -> Iterator[StreamEvent]:
+        if max_tokens < 1:
+            raise MiniCPMVEdgeError(f"max_tokens must be at least 1, got {max_tokens}")
+        if thinking and not self.facts.thinking:
+            raise MiniCPMVEdgeError(f"MiniCPM-V {self.facts.version} has no thinking mode")
+        slices = self.preprocess_config.max_slice_nums if max_slices is None else int(max_slices)
+        if not 1 <= slices <= 36:
+            raise MiniCPMVEdgeError(f"max_slices must be between 1 and 36, got {slices}")
+        t = Timings()
+        t_start = time.perf_counter()
+        req = normalize_messages(messages)
+        encoded = [self._encode_image(src, slices, t) for src in req.images]
+        segments, n_prompt = self._segments(req, encoded, thinking)
+        t.prompt_tokens = n_prompt
+        utf8 = _Utf8Stream()
+        tokens: list[int] = []
+        parts: dict[bool, list[str]] = {True: [], False: []}   # reasoning? -> text pieces
+        in_reasoning = thinking       # with thinking on, the template opens <think>; </think> ends it
+        gen = self.decoder.generate(segments, max_tokens=max_tokens, sampling=sampling, stop_ids=self.stop_ids)
+        t_first = None
+        for tok in gen:
+            if t_first is None:
+                t_first = time.perf_counter()
+                t.first_token = t_first - t_start
+            tokens.append(tok)
+            if thinking and tok in self._think_ids:
+                tail = utf8.flush()
+                if tail:
+                    parts[in_reasoning].append(tail)
+                    yield StreamEvent(tail, None, reasoning=in_reasoning)
+                in_reasoning = tok != self._think_ids[-1]   # after </think> comes the answer
+                continue
+            delta = utf8.push(self.decoder.token_bytes(tok))
+            if delta:
+                parts[in_reasoning].append(delta)
+                yield StreamEvent(delta, tok, reasoning=in_reasoning)
+        t_end = time.perf_counter()
+        if t_first is None:   # stopped before the first token
+            t_first = t_end
+            t.first_token = t_end - t_start
+        t.prefill = self.decoder.last_prefill_s
+        t.prefilled_tokens = self.decoder.last_prefill_positions
+        tail = utf8.flush()
+        if tail:
+            parts[in_reasoning].append(tail)
+            yield StreamEvent(tail, None, reasoning=in_reasoning)
+        t.decode = t_end - t_first
+        t.completion_tokens = len(tokens)
+        finish = "length" if len(tokens) >= max_tokens else "stop"
+        reasoning = "".join(parts[True]).strip() if thinking else None
+        text = "".join(parts[False])
+        if thinking:
+            text = text.lstrip("\n")
+        yield StreamEvent("", None, ChatResult(text, reasoning, tokens, finish, t))
+
+    def close(self) -> None:
+        self.decoder.close()

@@ -1,0 +1,95 @@
+"""Vision backends: one slice's pixels -> its patch features [h*w, C] (the resampler does the rest).
+
+All backends share one small contract, `encode(slice) -> np.ndarray`, so the session does not care which
+runs:
+- `OnnxVision`: onnxruntime on the exported ONNX graph (fp32 / fp16 / int8 files), CPU or CoreML provider;
+- `CoreMLVision`: the .mlpackage through coremltools, macOS only (import-guarded);
+llama.cpp's own clip path (mmproj) lives in `llamacpp_clip.py`: it preprocesses on its own, so it is the
+baseline for benchmarks rather than a backend here.
+
+The graph I/O names are the contract with the exporter (`export/onnx_vision.py` writes graphs with them).
+"""
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from minicpmv_edge.errors import MiniCPMVEdgeError
+
+from .preprocess import Slice, position_bucket_ids
+
+
+class VisionIO(str, Enum):
+    """Input/output names of every vision graph (ONNX and CoreML)."""
+    PIXEL_VALUES = "pixel_values"      # float32 [1, 3, 14*h, 14*w], a normalised slice
+    POSITION_IDS = "position_ids"      # int64 [h, w], NaViT bucket ids (preprocess.position_bucket_ids)
+    PATCH_FEATURES = "patch_features"  # float32 [1, h*w, C], after post_layernorm
+    IMAGE_EMBEDS = "image_embeds"      # float32 [1, Q, D], when the graph includes the resampler
+
+
+class VisionBackend(Protocol):
+    name: str
+
+    def encode(self, s: Slice) -> np.ndarray:
+        """[h*w, C] patch features of one slice."""
+
+
+def slice_inputs(s: Slice, num_patches_per_side: int = 70) -> dict[str, np.ndarray]:
+    h, w = s.tgt_size
+    return {VisionIO.PIXEL_VALUES.value: np.ascontiguousarray(s.pixels[None], dtype=np.float32),
+            VisionIO.POSITION_IDS.value: position_bucket_ids(h, w, num_patches_per_side).reshape(h, w)}
+
+
+class OnnxVision:
+    def __init__(self, path: str | Path, *, threads: int | None = None, providers: list[str] | None = None,
+                 num_patches_per_side: int = 70):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise MiniCPMVEdgeError(f"{path}: file not found")
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if providers is None:
+            providers = ["CPUExecutionProvider"]
+            if sys.platform == "darwin" and "CoreMLExecutionProvider" in ort.get_available_providers():
+                providers.insert(0, "CoreMLExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as exc:   # onnxruntime raises its own exception types
+            raise MiniCPMVEdgeError(f"{path}: onnxruntime could not load this model ({exc})") from None
+        inputs = {i.name for i in self.session.get_inputs()}
+        need = {VisionIO.PIXEL_VALUES.value, VisionIO.POSITION_IDS.value}
+        if not need <= inputs:
+            raise MiniCPMVEdgeError(f"{path}: expected inputs {sorted(need)}, the graph has {sorted(inputs)}")
+        self.output = self.session.get_outputs()[0].name
+        self.n_side = num_patches_per_side
+        self.name = f"onnxruntime:{path.name}"
+
+    def encode(self, s: Slice) -> np.ndarray:
+        out = self.session.run([self.output], slice_inputs(s, self.n_side))[0]
+        return out.reshape(-1, out.shape[-1])
+
+
+class CoreMLVision:
+    """The .mlpackage through coremltools (prediction exists only on macOS)."""
+
+    def __init__(self, path: str | Path, num_patches_per_side: int = 70):
+        if sys.platform != "darwin":
+            raise MiniCPMVEdgeError("CoreML prediction runs only on macOS; use the ONNX backend here")
+        import coremltools as ct
+        self.model = ct.models.MLModel(str(path))
+        self.n_side = num_patches_per_side
+        self.name = f"coreml:{Path(path).name}"
+
+    def encode(self, s: Slice) -> np.ndarray:
+        out = self.model.predict(slice_inputs(s, self.n_side))
+        arr = np.asarray(next(iter(out.values())), dtype=np.float32)
+        return arr.reshape(-1, arr.shape[-1])
