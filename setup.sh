@@ -25,5 +25,5 @@ fi
 
 # Our package, editable, with its native core built by CMake through scikit-build-core.
 "${PIP[@]}" "scikit-build-core>=0.10"
-"${PIP[@]}" --no-build-isolation -e '.[export,video,dev]'
+"${PIP[@]}" --no-build-isolation -e '.[export,video,serve,dev]'
 echo "setup: done ($(.venv/bin/minicpmv-edge --version))"

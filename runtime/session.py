@@ -252,11 +252,14 @@ class MiniCPMV:
     def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, thinking: bool = False,
              seed: int | None = None, max_tokens: int = 512, max_slices: int | None = None,
              temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-             repetition_penalty: float | None = None, greedy: bool = False) -> ChatResult | Iterator[StreamEvent]:
+             repetition_penalty: float | None = None, greedy: bool = False,
+             should_stop: Callable[[], bool] | None = None) -> ChatResult | Iterator[StreamEvent]:
         """Answer the conversation. `greedy=True` ignores the sampling defaults (argmax); otherwise unset
-        parameters take the model's recommended values from the facts table."""
+        parameters take the model's recommended values from the facts table. `should_stop` is polled after
+        every token (a client went away, a stop string appeared): generation then ends early, normally."""
         events = self._run(messages, thinking=thinking, seed=seed, max_tokens=max_tokens, max_slices=max_slices,
-                           sampling=self._sampling(temperature, top_p, top_k, repetition_penalty, seed, greedy))
+                           sampling=self._sampling(temperature, top_p, top_k, repetition_penalty, seed, greedy),
+                           should_stop=should_stop)
         if stream:
             return events
         for ev in events:
@@ -274,7 +277,8 @@ class MiniCPMV:
                               repetition_penalty=d.repetition_penalty if repetition_penalty is None
                               else repetition_penalty, seed=seed)
 
-    def _run(self, messages, *, thinking, seed, max_tokens, max_slices, sampling) -> Iterator[StreamEvent]:
+    def _run(self, messages, *, thinking, seed, max_tokens, max_slices, sampling,
+             should_stop=None) -> Iterator[StreamEvent]:
         if max_tokens < 1:
             raise MiniCPMVEdgeError(f"max_tokens must be at least 1, got {max_tokens}")
         if thinking and not self.facts.thinking:
@@ -310,6 +314,9 @@ class MiniCPMV:
             if delta:
                 parts[in_reasoning].append(delta)
                 yield StreamEvent(delta, tok, reasoning=in_reasoning)
+            if should_stop is not None and should_stop():
+                gen.close()
+                break
         t_end = time.perf_counter()
         if t_first is None:   # stopped before the first token
             t_first = t_end
