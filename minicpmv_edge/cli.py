@@ -10,15 +10,20 @@ import sys
 
 from minicpmv_edge.errors import MiniCPMVEdgeError, MissingExtraError
 
-# name -> (module, one-line help, extra the module needs)
+# name -> ("module" or "module:function", one-line help, extra the module needs); the function defaults to main
 COMMANDS: dict[str, tuple[str, str, str | None]] = {
     "synth": ("minicpmv_edge.export.synth", "write a synthetic MiniCPM-V checkpoint (tiny, edge-4b, full)", "export"),
     "export": ("minicpmv_edge.export.pipeline", "export a checkpoint: LLM GGUF ladder + llama.cpp mmproj", "export"),
     "inspect": ("minicpmv_edge.export.checkpoint", "read and validate a checkpoint directory, print a summary", None),
+    "verify": ("minicpmv_edge.export.bundle", "re-check a bundle's files (sizes, sha256) and, optionally, parity", None),
+    "run": ("minicpmv_edge.runtime.cli:run_main", "ask one question about images (streams the answer)", None),
+    "chat": ("minicpmv_edge.runtime.cli:chat_main", "interactive chat with a bundle", None),
+    "serve": ("minicpmv_edge.runtime.cli:serve_main", "OpenAI-compatible local HTTP server", "serve"),
     "demo": ("minicpmv_edge.demo", "synthesize a tiny model, export it, ask about a generated image", "export"),
 }
 
-_EXTRA_MODULES = {"torch", "transformers", "tokenizers", "safetensors", "onnx", "onnxscript", "coremltools"}
+_EXTRA_MODULES = {"torch", "transformers", "tokenizers", "safetensors", "onnx", "onnxscript", "coremltools",
+                  "fastapi", "uvicorn", "av"}
 
 
 def _usage() -> str:
@@ -42,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"minicpmv-edge: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
         return 2
-    module_name, _, extra = COMMANDS[name]
+    target, _, extra = COMMANDS[name]
+    module_name, _, func = target.partition(":")
     try:
         try:
             module = importlib.import_module(module_name)
@@ -50,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             if exc.name and exc.name.split(".")[0] in _EXTRA_MODULES:
                 raise MissingExtraError(extra or "export", exc.name) from None
             raise
-        return int(module.main(rest) or 0)
+        return int(getattr(module, func or "main")(rest) or 0)
     except MiniCPMVEdgeError as exc:
         print(f"minicpmv-edge {name}: error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,134 @@
+"""`minicpmv-edge run`, `chat` and `serve`: the runtime from the command line (no torch)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _load_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("bundle", type=Path, help="bundle folder written by `minicpmv-edge export`")
+    ap.add_argument("--llm", help="LLM precision to load (e.g. Q4_K_M, Q8_0, F16; default: the smallest good one)")
+    ap.add_argument("--vision", help="vision precision (fp32, fp16, int8)")
+    ap.add_argument("--resampler", default="auto", choices=("auto", "native", "numpy"))
+    ap.add_argument("--threads", type=int, help="CPU threads (default: 2)")
+    ap.add_argument("--ctx", type=int, default=4096, help="context length in tokens")
+
+
+def _load(args):
+    from .bundle import load
+    return load(args.bundle, llm=args.llm, vision=args.vision, resampler=args.resampler, threads=args.threads,
+                n_ctx=args.ctx)
+
+
+def _gen_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--think", action="store_true", help="thinking mode (models that have one)")
+    ap.add_argument("--seed", type=int, help="sampling seed (same seed, same answer)")
+    ap.add_argument("--max-tokens", type=int, default=512)
+    ap.add_argument("--max-slices", type=int, help="slices per image, 1-9 (fewer = faster on a phone)")
+    ap.add_argument("--temperature", type=float)
+    ap.add_argument("--greedy", action="store_true", help="argmax decoding")
+
+
+def _chat_kwargs(args) -> dict:
+    return dict(thinking=args.think, seed=args.seed, max_tokens=args.max_tokens, max_slices=args.max_slices,
+                temperature=args.temperature, greedy=args.greedy)
+
+
+def run_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="minicpmv-edge run", description="Ask one question about images.")
+    _load_args(ap)
+    ap.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    ap.add_argument("-p", "--prompt", required=True)
+    ap.add_argument("--json", action="store_true", help="print the answer and the stage timings as JSON")
+    _gen_args(ap)
+    args = ap.parse_args(argv)
+    model = _load(args)
+    content = [{"type": "image_url", "image_url": {"url": str(p)}} for p in args.image]
+    content.append({"type": "text", "text": args.prompt})
+    messages = [{"role": "user", "content": content}]
+    if args.json:
+        res = model.chat(messages, **_chat_kwargs(args))
+        print(json.dumps({"answer": res.text, "reasoning": res.reasoning, "finish_reason": res.finish_reason,
+                          "timings": res.timings.as_dict()}, ensure_ascii=False, indent=2))
+        return 0
+    result = None
+    for ev in model.chat(messages, stream=True, **_chat_kwargs(args)):
+        if ev.result is not None:
+            result = ev.result
+        elif ev.delta:
+            sys.stdout.write(ev.delta)
+            sys.stdout.flush()
+    t = result.timings
+    print(f"\n[ttft {t.first_token * 1000:.0f} ms (preprocess {t.preprocess * 1000:.0f}, vision {t.vision * 1000:.0f}, "
+          f"resampler {t.resampler * 1000:.0f}, prefill {t.prefill * 1000:.0f}) | decode {t.decode_tok_s:.1f} tok/s]",
+          file=sys.stderr)
+    return 0
+
+
+def chat_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="minicpmv-edge chat", description="Interactive chat. Type /image PATH to "
+                                 "attach an image to the next message, /reset to start over, /quit to leave.")
+    _load_args(ap)
+    _gen_args(ap)
+    args = ap.parse_args(argv)
+    model = _load(args)
+    from minicpmv_edge.errors import MiniCPMVEdgeError
+    history: list[dict] = []
+    pending: list[dict] = []
+    print("minicpmv-edge chat: /image PATH, /reset, /quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            return 0
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            history, pending = [], []
+            continue
+        if line.startswith("/image "):
+            pending.append({"type": "image_url", "image_url": {"url": line[7:].strip()}})
+            continue
+        msg = {"role": "user", "content": [*pending, {"type": "text", "text": line}]}
+        try:
+            result = None
+            for ev in model.chat([*history, msg], stream=True, **_chat_kwargs(args)):
+                if ev.result is not None:
+                    result = ev.result
+                elif ev.delta:
+                    sys.stdout.write(ev.delta)
+                    sys.stdout.flush()
+            print()
+            history += [msg, {"role": "assistant", "content": result.text}]
+            pending = []
+        except MiniCPMVEdgeError as exc:   # a bad image or an overflow ends this turn, not the session
+            print(f"error: {exc}", file=sys.stderr)
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="minicpmv-edge serve", description="OpenAI-compatible local server.")
+    _load_args(ap)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--name", help="model id served (default: the bundle's name)")
+    ap.add_argument("--max-queue", type=int, default=8)
+    ap.add_argument("--allow-local-files", action="store_true", help="accept local paths in image_url")
+    ap.add_argument("--allow-remote-urls", action="store_true", help="fetch http(s) image URLs (allow-listed)")
+    ap.add_argument("--allow-host", action="append", default=[], help="host allowed for remote image URLs")
+    args = ap.parse_args(argv)
+    try:
+        import uvicorn
+    except ImportError:
+        from minicpmv_edge.errors import MissingExtraError
+        raise MissingExtraError("serve", "uvicorn") from None
+    from .server import ServerOptions, create_app
+    model = _load(args)
+    name = args.name or model.bundle.manifest.get("name") or "minicpm-v"
+    opts = ServerOptions(name=name, max_queue=args.max_queue, allow_local_files=args.allow_local_files,
+                         allow_remote_urls=args.allow_remote_urls, remote_allow_hosts=tuple(args.allow_host))
+    uvicorn.run(create_app(model, opts), host=args.host, port=args.port, log_level="warning")
+    return 0
