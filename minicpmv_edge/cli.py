@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
     "run": ("minicpmv_edge.runtime.cli:run_main", "ask one question about images (streams the answer)", None),
     "chat": ("minicpmv_edge.runtime.cli:chat_main", "interactive chat with a bundle", None),
     "serve": ("minicpmv_edge.runtime.cli:serve_main", "OpenAI-compatible local HTTP server", "serve"),
+    "bench": ("minicpmv_edge.runtime.benchmark", "TTFT stages and decode speed vs llama.cpp's own path", None),
     "demo": ("minicpmv_edge.demo", "synthesize a tiny model, export it, ask about a generated image", "export"),
 }
 
