@@ -195,7 +195,7 @@ def run_bench(bundle: Path, *, image: Path | None = None, reps: int = 3, n_decod
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(), "cpu": _cpu_name(),
         "threads": threads, "bundle": str(bundle), "llm": model.files["llm"].name,
-        "vision": model.files["vision"].name, "resampler": getattr(model.resample, "name", "?"),
+        "vision": model.files["vision"].name, "resampler": type(model.resampler).__name__,
         "n_decode": n_decode, "reps": reps,
     }
     report["ours"] = bench_ours(model, img, reps, n_decode, max_slices)

@@ -142,11 +142,12 @@ def load(bundle: str | Path, *, llm: str | None = None, vision: str | None = Non
     decoder = Decoder(llm_file, n_ctx=n_ctx, threads=threads, exact=exact)
     try:
         vis = OnnxVision(vis_file, threads=threads, num_patches_per_side=cfg.num_patches_per_side)
-        res = load_resampler(res_file, backend=resampler, threads=threads or 2)
+        res = load_resampler(res_file, backend=resampler, threads=threads or 2,
+                             expect_embed_dim=decoder.n_embd)
     except Exception:
         decoder.close()
         raise
-    model = MiniCPMV(facts=facts, decoder=decoder, vision=vis, resample=res, prompt_format=fmt, preprocess=cfg,
+    model = MiniCPMV(facts=facts, decoder=decoder, vision=vis, resampler=res, prompt_format=fmt, preprocess=cfg,
                      image_cache_size=image_cache_size)
     model.bundle, model.files = b, {"llm": llm_file, "vision": vis_file, "resampler": res_file}
     return model

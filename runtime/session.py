@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -28,8 +28,15 @@ from .preprocess import DEFAULT_MAX_PIXELS, PreprocessedImage, preprocess_image
 from .prompt import IMAGE_TAG, PromptFormat, expand_images, image_spans, render
 from .vision import VisionBackend
 
-# (patch features [N, C], (h, w)) -> [Q, D] slice embeddings
-Resample = Callable[[np.ndarray, tuple[int, int]], np.ndarray]
+class Resampler(Protocol):
+    """runtime/resampler.py's native or numpy resampler."""
+
+    def run(self, features: np.ndarray, h: int, w: int) -> np.ndarray:
+        """[h*w, C] patch features of one slice -> [Q, D] embeddings."""
+
+    def run_group(self, frames: Sequence[np.ndarray], grids: Sequence[tuple[int, int]],
+                  temporal_ids: Sequence[int]) -> np.ndarray:
+        """Frames of one video group (temporal ids in 0.1 s ticks) -> one [Q, D] block."""
 
 
 @dataclass(frozen=True)
@@ -173,10 +180,10 @@ class _Utf8Stream:
 class MiniCPMV:
     """One loaded model. Calls are serialised by the caller (the server queues requests)."""
 
-    def __init__(self, *, facts: ModelFacts, decoder: Decoder, vision: VisionBackend, resample: Resample,
+    def __init__(self, *, facts: ModelFacts, decoder: Decoder, vision: VisionBackend, resampler: Resampler,
                  prompt_format: PromptFormat, preprocess: PreprocessConfig, image_cache_size: int = 32,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
-        self.facts, self.decoder, self.vision, self.resample = facts, decoder, vision, resample
+        self.facts, self.decoder, self.vision, self.resampler = facts, decoder, vision, resampler
         self.prompt_format, self.preprocess_config = prompt_format, preprocess
         self.max_pixels = max_pixels
         self._cache: OrderedDict[str, _Encoded] = OrderedDict()
@@ -216,7 +223,7 @@ class MiniCPMV:
             t1 = time.perf_counter()
             feats = self.vision.encode(s)
             t2 = time.perf_counter()
-            blocks.append(np.asarray(self.resample(feats, tuple(s.tgt_size)), dtype=np.float32))
+            blocks.append(np.asarray(self.resampler.run(feats, *s.tgt_size), dtype=np.float32))
             t.vision += t2 - t1
             t.resampler += time.perf_counter() - t2
             t.slices += 1
