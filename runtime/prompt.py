@@ -65,18 +65,26 @@ def render(fmt: PromptFormat, messages: Sequence[Mapping[str, Any]], *, enable_t
         raise PromptError(f"chat template error: {exc}") from None
 
 
-def expand_images(text: str, grids: Sequence[tuple[int, int] | None], fmt: PromptFormat, *,
-                  use_image_id: bool | None = None) -> str:
-    """Replace each IMAGE_TAG, in order, by its placeholder (image ids count from 0 over the prompt)."""
-    chunks = text.split(IMAGE_TAG)
-    if len(chunks) - 1 != len(grids):
-        raise PromptError(f"the prompt has {len(chunks) - 1} image tags for {len(grids)} images")
+def image_text(grid: tuple[int, int] | None, index: int, fmt: PromptFormat, *, use_image_id: bool | None = None) -> str:
+    """The placeholder of one image (`index` counts images from 0 over the prompt)."""
     uid = fmt.use_image_id if use_image_id is None else use_image_id
+    return image_placeholder(grid, index, use_image_id=uid, query_num=fmt.query_num, tokens=fmt.special_tokens)
+
+
+def video_text(n_blocks: int, fmt: PromptFormat) -> str:
+    """A video's placeholder: one un-numbered, unsliced image placeholder per 64-token block, joined by "\n"
+    (the HF processor keeps only the first frame of each packed group and strips the separators of the others)."""
+    return "\n".join(image_text(None, 0, fmt, use_image_id=False) for _ in range(n_blocks))
+
+
+def expand_tags(text: str, placeholders: Sequence[str]) -> str:
+    """Replace each IMAGE_TAG, in order, by the placeholder of that image or video."""
+    chunks = text.split(IMAGE_TAG)
+    if len(chunks) - 1 != len(placeholders):
+        raise PromptError(f"the prompt has {len(chunks) - 1} image tags for {len(placeholders)} images/videos")
     out = [chunks[0]]
-    for i, (grid, chunk) in enumerate(zip(grids, chunks[1:])):
-        out.append(image_placeholder(grid, i, use_image_id=uid, query_num=fmt.query_num,
-                                     tokens=fmt.special_tokens))
-        out.append(chunk)
+    for ph, chunk in zip(placeholders, chunks[1:]):
+        out += [ph, chunk]
     return "".join(out)
 
 

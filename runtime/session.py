@@ -25,7 +25,7 @@ from minicpmv_edge.facts import ModelFacts
 from .decoder import Decoder, Embeddings, SamplingParams
 from .images import LoadedImage, load_image
 from .preprocess import DEFAULT_MAX_PIXELS, PreprocessedImage, preprocess_image
-from .prompt import IMAGE_TAG, PromptFormat, expand_images, image_spans, render
+from .prompt import IMAGE_TAG, PromptFormat, expand_tags, image_spans, image_text, render, video_text
 from .vision import VisionBackend
 
 class Resampler(Protocol):
@@ -64,6 +64,9 @@ class Timings:
     completion_tokens: int = 0
     slices: int = 0
     image_cache_hits: int = 0
+    video_decode: float = 0.0
+    video_frames: int = 0
+    video_blocks: int = 0            # 64-token blocks the video became
 
     @property
     def decode_tok_s(self) -> float:
@@ -96,8 +99,17 @@ class StreamEvent:
 @dataclass
 class _Encoded:
     grid: tuple[int, int] | None
-    blocks: list[np.ndarray]         # one [Q, D] array per slice, overview first
+    blocks: list[np.ndarray]         # one [Q, D] array per slice (overview first) or per video block
     key: str
+    is_video: bool = False
+
+
+@dataclass(frozen=True)
+class VideoInput:
+    """A video in a message: a file path, or frames an app captured with their timestamps (seconds)."""
+    source: Any                      # path, or {"frames": [...], "timestamps": [...]}
+    fps: float = 3.0                 # frames sampled per second
+    packing: int | None = None       # frames per 64-token block (default: the recipe's choice)
 
 
 @dataclass
@@ -138,6 +150,20 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> _Request:
                 if not isinstance(item.get("text"), str):
                     raise MiniCPMVEdgeError(f"messages[{n}].content[{k}].text: expected a string")
                 parts.append(item["text"])
+            elif isinstance(item, Mapping) and item.get("type") == "video":
+                if role != "user":
+                    raise MiniCPMVEdgeError(f"messages[{n}]: videos are only accepted in user messages")
+                if item.get("video") is None:
+                    raise MiniCPMVEdgeError(f"messages[{n}].content[{k}]: video part without a video")
+                try:
+                    out.images.append(VideoInput(item["video"], float(item.get("fps", 3.0)),
+                                                 item.get("packing")))
+                except (TypeError, ValueError):
+                    raise MiniCPMVEdgeError(f"messages[{n}].content[{k}].fps: expected a number") from None
+                parts.append(IMAGE_TAG)
+            elif isinstance(item, VideoInput):
+                out.images.append(item)
+                parts.append(IMAGE_TAG)
             elif isinstance(item, Mapping) and item.get("type") in ("image_url", "image"):
                 if role != "user":
                     raise MiniCPMVEdgeError(f"messages[{n}]: images are only accepted in user messages")
@@ -233,11 +259,58 @@ class MiniCPMV:
             self._cache.popitem(last=False)
         return enc
 
+    def _encode_video(self, video: VideoInput, t: Timings) -> _Encoded:
+        """Frames sampled by the official recipe, each encoded as one unsliced slice; with the temporal
+        resampler (4.5) each group of `packing` frames becomes one 64-token block, otherwise (2.6, 4.0)
+        every frame is its own block, as the official 2.6 recipe feeds video."""
+        from .video import load_video, video_from_images
+        cfg = self.preprocess_config
+        temporal = self.facts.video == "temporal_resampler"
+        max_packing = self.facts.max_temporal_packing if temporal else 1
+        packing = video.packing if temporal else 1
+        t0 = time.perf_counter()
+        if isinstance(video.source, Mapping):
+            frames = [load_image(f, max_pixels=self.max_pixels).image for f in video.source.get("frames", [])]
+            v = video_from_images(frames, video.source.get("timestamps", []), choose_fps=video.fps,
+                                  force_packing=packing, max_packing=max_packing)
+        else:
+            v = load_video(video.source, choose_fps=video.fps, force_packing=packing, max_packing=max_packing)
+        t.video_decode += time.perf_counter() - t0
+        feats, grids = [], []
+        for frame in v.frames:
+            t1 = time.perf_counter()
+            pre = preprocess_image(frame, max_slice_nums=1, slice_size=cfg.slice_size, patch_size=cfg.patch_size,
+                                   mean=cfg.mean, std=cfg.std, slicing=cfg.slicing, max_pixels=self.max_pixels)
+            t2 = time.perf_counter()
+            feats.append(self.vision.encode(pre.slices[0]))
+            grids.append(tuple(pre.slices[0].tgt_size))
+            t.preprocess += t2 - t1
+            t.vision += time.perf_counter() - t2
+            t.slices += 1
+        t3 = time.perf_counter()
+        if temporal:
+            blocks = [self.resampler.run_group(feats[i:i + v.plan.packing], grids[i:i + v.plan.packing], group)
+                      for i, group in zip(range(0, len(feats), v.plan.packing), v.plan.groups)]
+        else:
+            blocks = [self.resampler.run(f, *g) for f, g in zip(feats, grids)]
+        t.resampler += time.perf_counter() - t3
+        t.video_frames += len(v.frames)
+        t.video_blocks += len(blocks)
+        key = f"video:{id(video)}:{time.time_ns()}"   # videos are not cached
+        return _Encoded(None, [np.asarray(b, dtype=np.float32) for b in blocks], key, is_video=True)
+
     # ----- prompt
     def _segments(self, req: _Request, encoded: list[_Encoded], thinking: bool) -> tuple[list, int]:
         fmt = self.prompt_format
         text = render(fmt, req.messages, enable_thinking=thinking if fmt.thinking else None)
-        text = expand_images(text, [e.grid for e in encoded], fmt)
+        placeholders, n_images = [], 0
+        for e in encoded:
+            if e.is_video:
+                placeholders.append(video_text(len(e.blocks), fmt))
+            else:
+                placeholders.append(image_text(e.grid, n_images, fmt))
+                n_images += 1
+        text = expand_tags(text, placeholders)
         ids = self.decoder.tokenize(text, add_special=self.facts.bos_token is not None, parse_special=True)
         blocks = [(e.key, i, b) for e in encoded for i, b in enumerate(e.blocks)]
         spans = image_spans(ids, self._open_ids, self._close_ids)
@@ -296,7 +369,8 @@ class MiniCPMV:
         t = Timings()
         t_start = time.perf_counter()
         req = normalize_messages(messages)
-        encoded = [self._encode_image(src, slices, t) for src in req.images]
+        encoded = [self._encode_video(src, t) if isinstance(src, VideoInput) else self._encode_image(src, slices, t)
+                   for src in req.images]
         segments, n_prompt = self._segments(req, encoded, thinking)
         t.prompt_tokens = n_prompt
         utf8 = _Utf8Stream()
