@@ -1,10 +1,15 @@
-"""`minicpmv-edge export`: one checkpoint in, every on-device artefact out.
+"""`minicpmv-edge export`: one checkpoint in, one self-describing bundle out.
 
-    minicpmv-edge export CHECKPOINT --out DIR --llm F16,Q4_K_M,Q8_0 --mmproj F16
+    minicpmv-edge export CHECKPOINT --out DIR --llm F16,Q4_K_M,Q8_0 --mmproj F16 --vision fp32,fp16,int8
 
-Writes `<name>-<TYPE>.gguf` for each LLM type (float types directly, quantized ones through
-llama.cpp's quantizer from the F16 file) and `mmproj-<name>-<type>.gguf` for llama.cpp's clip. Every
-file is written under a temporary name and renamed when complete.
+Writes into DIR:
+- `<name>-<TYPE>.gguf` for each LLM type (float types directly, quantized ones through llama.cpp's quantizer
+  from the F16 file) and `mmproj-<name>-<type>.gguf` for llama.cpp's clip;
+- `vision-<name>-<precision>.onnx` (the SigLIP tower for one slice of any size) and, with --coreml, the
+  `.mlpackage` variants;
+- `resampler-<name>-<dtype>.mvr`, the resampler weights the native kernels load;
+- `manifest.json`, describing all of it (see export/bundle.py).
+Every file is written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
 
@@ -24,9 +29,67 @@ DEFAULT_LLM_TYPES = ("F16", "Q4_K_M", "Q8_0")
 
 @dataclass
 class ExportResult:
-    files: dict[str, Path] = field(default_factory=dict)      # "llm:Q4_K_M" / "mmproj:F16" -> path
+    files: dict[str, Path] = field(default_factory=dict)      # "llm:Q4_K_M" / "mmproj:F16" / "vision:fp32" -> path
     notes: list[str] = field(default_factory=list)           # e.g. K-quant fallbacks on tiny models
     seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _kind_and_precision(key: str, path: Path) -> tuple[str, str]:
+    from minicpmv_edge.runtime.bundle import FileKind
+    role, precision = key.split(":", 1)
+    kind = {"llm": FileKind.LLM_GGUF, "mmproj": FileKind.MMPROJ_GGUF, "vision": FileKind.VISION_ONNX,
+            "resampler": FileKind.RESAMPLER_WEIGHTS, "coreml": FileKind.VISION_COREML}[role]
+    if role == "vision" and precision not in ("fp32", "fp16"):
+        precision = "int8"
+    return kind, precision
+
+
+def write_bundle_manifest(ckpt: Checkpoint, out_dir: Path, files: dict[str, Path], name: str,
+                          parity: dict | None = None) -> Path:
+    """manifest.json for the bundle: model, preprocessing, prompt format, and every file with its hash."""
+    import hashlib
+    import json
+    import os
+
+    from minicpmv_edge.runtime.bundle import MANIFEST, SCHEMA_VERSION
+    f = ckpt.facts
+
+    def sha256(path: Path) -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+    entries = []
+    for key, path in files.items():
+        kind, precision = _kind_and_precision(key, path)
+        entries.append({"path": path.relative_to(out_dir).as_posix(), "kind": kind, "precision": precision,
+                        "size": path.stat().st_size, "sha256": sha256(path)})
+    pp = ckpt.preprocess
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "name": name,
+        "model": {"family": "MiniCPM-V", "version": f.version, "source": str(ckpt.root.name),
+                  "llm_arch": f.llm_gguf_arch, "llm": ckpt.llm.__dict__, "vision": ckpt.vision.__dict__,
+                  "resampler": ckpt.resampler.__dict__, "video": f.video,
+                  "max_temporal_packing": f.max_temporal_packing},
+        "preprocess": {"slice_size": pp.slice_size, "patch_size": pp.patch_size, "max_slice_nums": pp.max_slice_nums,
+                       "norm_mean": list(pp.norm_mean), "norm_std": list(pp.norm_std), "slicing": f.slicing,
+                       "num_patches_per_side": ckpt.vision.num_patches_per_side},
+        "prompt": {"chat_template": ckpt.chat_template, "special_tokens": dict(f.special_tokens),
+                   "use_image_id": pp.use_image_id, "query_num": ckpt.resampler.query_num, "thinking": f.thinking,
+                   "stop_tokens": list(f.stop_tokens), "bos_token": f.bos_token, "eos_token": f.stop_tokens[0],
+                   "default_system_prompt": f.default_system_prompt,
+                   "image_placeholder": "[<image_id>i</image_id>]<image>{pad*query_num}</image>"
+                                        "[rows of <slice>{pad*query_num}</slice> joined by \\n]"},
+        "files": entries,
+        "parity": parity or {},
+    }
+    path = out_dir / MANIFEST
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 def parse_types(text: str, known: tuple[str, ...] | None, what: str) -> list[str]:
@@ -48,9 +111,9 @@ def _progress(desc: str, total: int, enabled: bool):
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types: list[str] | None = None,
-                      mmproj_types: list[str] | None = None, name: str | None = None,
-                      threads: int | None = None,
-                      progress: bool = False) -> ExportResult:
+                      mmproj_types: list[str] | None = None, vision_types: list[str] | None = None,
+                      resampler_types: list[str] | None = None, name: str | None = None,
+                      threads: int | None = None, progress: bool = False, bundle: bool = True) -> ExportResult:
     from minicpmv_edge.quantize.gguf_ladder import LADDER, _ftype, ladder_name, quantize_gguf
 
     ckpt = Checkpoint.open(checkpoint)
@@ -99,9 +162,30 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types:
         path = write_mmproj_gguf(ckpt, out_dir / f"mmproj-{name}-{t}.gguf", t)
         result.files[f"mmproj:{t}"] = path
         result.seconds[f"mmproj:{t}"] = time.perf_counter() - t0
+    vision_types = [] if vision_types is None else list(vision_types)
+    float_vision = [t for t in vision_types if t in ("fp32", "fp16")]
+    if float_vision:
+        from .onnx_vision import export_vision_onnx
+        t0 = time.perf_counter()
+        for art in export_vision_onnx(ckpt, out_dir, name, precisions=float_vision):
+            result.files[f"vision:{art.precision}"] = art.path
+        result.seconds["vision"] = time.perf_counter() - t0
+    int8 = [t for t in vision_types if t not in ("fp32", "fp16")]
+    if int8:
+        from minicpmv_edge.quantize.onnx_int8 import quantize_vision_onnx
+        t0 = time.perf_counter()
+        for art in quantize_vision_onnx(ckpt, out_dir, name, recipes=int8):
+            result.files[f"vision:{art.precision}"] = art.path
+        result.seconds["vision_int8"] = time.perf_counter() - t0
+    for dtype in ([] if resampler_types is None else resampler_types):
+        from .resampler_weights import write_resampler_weights
+        result.files[f"resampler:{dtype}"] = write_resampler_weights(ckpt, out_dir / f"resampler-{name}-{dtype}.mvr",
+                                                                     dtype)
     unknown = [t for t in quant if t not in LADDER]
     if unknown:
         result.notes.append(f"types outside the tested ladder: {', '.join(unknown)}")
+    if bundle:
+        result.files["manifest"] = write_bundle_manifest(ckpt, out_dir, dict(result.files), name)
     return result
 
 
@@ -113,16 +197,23 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated LLM GGUF types: F32, F16, BF16 and llama.cpp quant types "
                          "(Q2_K, Q3_K_M, Q4_0, Q4_K_S, Q4_K_M, IQ4_NL, Q5_K_M, Q6_K, Q8_0, ...); 'none' to skip")
     ap.add_argument("--mmproj", default="F16", help=f"mmproj types ({', '.join(MMPROJ_TYPES)}) or 'none'")
+    ap.add_argument("--vision", default="fp32,fp16",
+                    help="vision ONNX precisions: fp32, fp16, int8 (or an int8 recipe name); 'none' to skip")
+    ap.add_argument("--resampler", default="f32", help="resampler weight types for the native kernels: f32, f16")
     ap.add_argument("--name", help="file name stem (default: the checkpoint folder's name)")
     ap.add_argument("--threads", type=int, help="quantizer threads (default: all cores)")
     args = ap.parse_args(argv)
     llm = [] if args.llm.lower() == "none" else parse_types(args.llm, None, "llm")
     mmproj = [] if args.mmproj.lower() == "none" else parse_types(args.mmproj, MMPROJ_TYPES, "mmproj")
+    vision = [] if args.vision.lower() == "none" else [t.strip().lower() for t in args.vision.split(",") if t.strip()]
+    resampler = [] if args.resampler.lower() == "none" else parse_types(args.resampler, ("F32", "F16"), "resampler")
     t0 = time.perf_counter()
-    res = export_checkpoint(args.checkpoint, args.out, llm_types=llm, mmproj_types=mmproj, name=args.name,
-                            threads=args.threads, progress=True)
+    res = export_checkpoint(args.checkpoint, args.out, llm_types=llm, mmproj_types=mmproj, vision_types=vision,
+                            resampler_types=[r.lower() for r in resampler], name=args.name, threads=args.threads,
+                            progress=True)
     for key, path in res.files.items():
-        print(f"  {key:<14} {path}  ({path.stat().st_size / 2**20:.1f} MiB, {res.seconds[key]:.1f} s)")
+        took = f", {res.seconds[key]:.1f} s" if key in res.seconds else ""
+        print(f"  {key:<14} {path}  ({path.stat().st_size / 2**20:.1f} MiB{took})")
     for note in res.notes:
         print(f"  note: {note}")
     print(f"exported {args.checkpoint} to {args.out} in {time.perf_counter() - t0:.1f} s")
