@@ -51,6 +51,8 @@ def _open_bytes(data: bytes, name: str, max_pixels: int) -> Image.Image:
             if getattr(img, "is_animated", False) and getattr(img, "n_frames", 1) > 1:
                 raise ImageInputError(f"{name}: animated image ({img.n_frames} frames); pass a still image, or "
                                       "the frames as a video")
+            img.verify()                       # checksums (PNG CRCs) without decoding pixels
+            img = Image.open(io.BytesIO(data))  # verify() leaves the image unusable: open again
             img.load()   # decode now, so a truncated or corrupt file fails here and not later
     except ImageInputError:
         raise

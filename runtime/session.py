@@ -12,6 +12,7 @@ a follow-up question that repeats the conversation so far prefills only the new 
 """
 from __future__ import annotations
 
+import codecs
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -182,25 +183,16 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> _Request:
 
 
 class _Utf8Stream:
-    """Token bytes -> text deltas that never split a UTF-8 character."""
+    """Token bytes -> text deltas that never split a UTF-8 character (invalid bytes become U+FFFD)."""
 
     def __init__(self) -> None:
-        self.pending = b""
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, data: bytes) -> str:
-        self.pending += data
-        for cut in range(len(self.pending), max(len(self.pending) - 4, -1), -1):
-            try:
-                text = self.pending[:cut].decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            self.pending = self.pending[cut:]
-            return text
-        return ""
+        return self._decoder.decode(data)
 
     def flush(self) -> str:
-        text, self.pending = self.pending.decode("utf-8", "replace"), b""
-        return text
+        return self._decoder.decode(b"", final=True)
 
 
 class MiniCPMV:

@@ -24,3 +24,23 @@ def tiny_checkpoint(tmp_path_factory) -> Callable[[str], Path]:
         return made[version]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint, tmp_path_factory) -> Callable[[str], Path]:
+    """Factory: `tiny_bundle("4.5")` -> an exported bundle of the tiny checkpoint (F32 + Q4_K_M GGUF, F16 mmproj,
+    fp32 ONNX vision, f32 resampler weights, manifest.json). Written once per session and version; read-only."""
+    from minicpmv_edge.export.pipeline import export_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny-bundle")
+    made: dict[str, Path] = {}
+
+    def get(version: str) -> Path:
+        if version not in made:
+            out = root / version.replace(".", "_")
+            export_checkpoint(tiny_checkpoint(version), out, llm_types=["F32", "Q4_K_M"], mmproj_types=["F16"],
+                              vision_types=["fp32"], resampler_types=["f32"], name=f"tiny-{version}")
+            made[version] = out
+        return made[version]
+
+    return get
