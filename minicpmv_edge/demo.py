@@ -2,9 +2,11 @@
 
 1. synthesize a tiny MiniCPM-V checkpoint (random weights, real layout and tokenizer);
 2. read and validate it;
-3. export it: LLM GGUF (F16 + Q4_K_M + Q8_0) and the llama.cpp mmproj;
-4. ask a question about a generated image, answered by the torch reference and by llama.cpp's own
-   multimodal path on the exported files.
+3. export it to a bundle: LLM GGUF ladder, llama.cpp mmproj, ONNX vision tower, native resampler weights,
+   manifest.json;
+4. ask a question about a generated image with the on-device runtime (no torch: ONNX Runtime, our
+   resampler kernels, llama.cpp with injected embeddings), and check the greedy answer against the torch
+   reference; then ask llama.cpp's own multimodal path on the same files.
 
 The weights are random, so the answers are noise; the demo shows every stage runs and agrees.
 """
@@ -76,30 +78,49 @@ def main(argv: list[str] | None = None) -> int:
     print(f"    {info['llm_arch']} LLM {info['parameters']['llm'] / 1e6:.1f} M params, ViT "
           f"{info['parameters']['vision'] / 1e6:.2f} M, resampler {info['parameters']['resampler'] / 1e6:.2f} M")
 
-    t = _step("export: LLM GGUF ladder + llama.cpp mmproj")
-    res = export_checkpoint(ckpt_dir, args.out / "export", llm_types=["F16", "Q4_K_M", "Q8_0"],
-                            mmproj_types=["F16"])
+    bundle = args.out / "bundle"
+    t = _step(f"export a bundle -> {bundle}")
+    res = export_checkpoint(ckpt_dir, bundle, llm_types=["F32", "Q4_K_M", "Q8_0"], mmproj_types=["F16"],
+                            vision_types=["fp32"], resampler_types=["f32"])
     for key, path in res.files.items():
         print(f"    {key:<12} {path.name:<40} {path.stat().st_size / 2**20:6.2f} MiB")
     for note in res.notes:
         print(f"    note: {note}")
 
+    print(f"    {time.perf_counter() - t:.1f} s")
     image_path = args.out / "shapes.png"
     demo_image().save(image_path)
-    t = _step(f"ask about {image_path}: {QUESTION!r} (torch reference, greedy)")
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(image_path)}},
+                                             {"type": "text", "text": QUESTION}]}]
+
+    import minicpmv_edge
+    t = _step(f"runtime (no torch), F32 GGUF: {QUESTION!r} about {image_path}")
+    model = minicpmv_edge.load(bundle, llm="F32", exact=True)
+    answer = model.chat(messages, greedy=True, max_tokens=args.max_tokens)
+    tm = answer.timings
+    print(f"    {answer.text!r}")
+    print(f"    TTFT {tm.first_token * 1000:.0f} ms (preprocess {tm.preprocess * 1000:.0f}, vision {tm.vision * 1000:.0f}, "
+          f"resampler {tm.resampler * 1000:.0f}, prefill {tm.prefill * 1000:.0f}), decode {tm.decode_tok_s:.0f} tok/s")
+    again = model.chat(messages, greedy=True, max_tokens=args.max_tokens)
+    print(f"    asked again: image cache hit, KV reuse; TTFT {again.timings.first_token * 1000:.0f} ms, "
+          f"same answer: {again.token_ids == answer.token_ids}")
+    model.close()
+
+    t = _step("torch reference, same question (greedy)")
     ref = MiniCPMVReference.from_checkpoint(ckpt)
     ids = ref.generate_greedy([{"role": "user", "content": QUESTION}], images=[Image.open(image_path)],
                               max_new_tokens=args.max_tokens)
-    ref_text = ref.tokenizer.decode(ids)
-    print(f"    {len(ids)} tokens in {time.perf_counter() - t:.1f} s: {ref_text!r}")
+    same = ids == answer.token_ids
+    print(f"    {len(ids)} tokens in {time.perf_counter() - t:.1f} s; identical to the runtime's: {same}")
 
-    t = _step("same question through llama.cpp (mtmd) on the exported Q8_0 GGUF + mmproj")
+    t = _step("llama.cpp's own multimodal path (mtmd) on the exported Q8_0 GGUF + mmproj")
     lc_text = _llama_cpp_answer(res.files["llm:Q8_0"], res.files["mmproj:F16"], image_path, args.max_tokens)
-    print(f"    {time.perf_counter() - t:.1f} s: {lc_text!r}")
+    print(f"    {time.perf_counter() - t:.1f} s: {lc_text!r} (llama.cpp slices and prompts a little differently)")
 
-    summary = {"version": args.version, "checkpoint": str(ckpt_dir), "files": {k: str(v) for k, v in
-               res.files.items()}, "reference_answer": ref_text, "llama_cpp_answer": lc_text}
+    summary = {"version": args.version, "checkpoint": str(ckpt_dir), "bundle": str(bundle),
+               "runtime_answer": answer.text, "runtime_timings": tm.as_dict(), "reference_identical": same,
+               "llama_cpp_answer": lc_text}
     (args.out / "demo.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     print(f"done in {time.perf_counter() - t_all:.1f} s (random weights: the answers are noise). "
           f"Summary: {args.out / 'demo.json'}")
-    return 0
+    return 0 if same else 1

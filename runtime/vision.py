@@ -57,6 +57,8 @@ class OnnxVision:
             so.intra_op_num_threads = threads
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        # ORT's worker threads spin-wait after each run by default, stealing the cores llama.cpp needs next
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if providers is None:
             providers = ["CPUExecutionProvider"]
             if sys.platform == "darwin" and "CoreMLExecutionProvider" in ort.get_available_providers():
