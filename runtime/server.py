@@ -13,6 +13,7 @@ error shape with a 4xx status, never a crash of the process.
 
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import queue
@@ -311,8 +312,13 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     opts = opts or ServerOptions()
-    app = FastAPI(title="minicpmv-edge", version="1")
     worker = Worker(model, opts.max_queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        worker.stop()
+    app = FastAPI(title="minicpmv-edge", version="1", lifespan=lifespan)
     app.state.worker = worker
 
     @app.exception_handler(ApiError)
@@ -473,10 +479,6 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
             raise ApiError(499, "client closed the request")
         return {"text": result.text, "prompt": prompt, "seed": seed, "finish_reason": result.finish_reason,
                 "usage": _usage(result), "timings": result.timings.as_dict()}
-
-    @app.on_event("shutdown")
-    async def _shutdown():
-        worker.stop()
 
     return app
 
