@@ -349,22 +349,29 @@ class MiniCPMV:
                               repetition_penalty=d.repetition_penalty if repetition_penalty is None
                               else repetition_penalty, seed=seed)
 
-    def _run(self, messages, *, thinking, seed, max_tokens, max_slices, sampling,
-             should_stop=None) -> Iterator[StreamEvent]:
-        if max_tokens < 1:
-            raise MiniCPMVEdgeError(f"max_tokens must be at least 1, got {max_tokens}")
+    def prepare(self, messages: Sequence[Mapping[str, Any]], *, thinking: bool = False, max_slices: int | None = None,
+                timings: Timings | None = None) -> list:
+        """Everything before the LLM: images and videos encoded (cached), the prompt rendered and tokenized,
+        split into token runs and embedding blocks ready for `decoder.prefill` / `decoder.generate`."""
         if thinking and not self.facts.thinking:
             raise MiniCPMVEdgeError(f"MiniCPM-V {self.facts.version} has no thinking mode")
         slices = self.preprocess_config.max_slice_nums if max_slices is None else int(max_slices)
         if not 1 <= slices <= 36:
             raise MiniCPMVEdgeError(f"max_slices must be between 1 and 36, got {slices}")
-        t = Timings()
-        t_start = time.perf_counter()
+        t = timings if timings is not None else Timings()
         req = normalize_messages(messages)
         encoded = [self._encode_video(src, t) if isinstance(src, VideoInput) else self._encode_image(src, slices, t)
                    for src in req.images]
-        segments, n_prompt = self._segments(req, encoded, thinking)
-        t.prompt_tokens = n_prompt
+        segments, t.prompt_tokens = self._segments(req, encoded, thinking)
+        return segments
+
+    def _run(self, messages, *, thinking, seed, max_tokens, max_slices, sampling,
+             should_stop=None) -> Iterator[StreamEvent]:
+        if max_tokens < 1:
+            raise MiniCPMVEdgeError(f"max_tokens must be at least 1, got {max_tokens}")
+        t = Timings()
+        t_start = time.perf_counter()
+        segments = self.prepare(messages, thinking=thinking, max_slices=max_slices, timings=t)
         utf8 = _Utf8Stream()
         tokens: list[int] = []
         parts: dict[bool, list[str]] = {True: [], False: []}   # reasoning? -> text pieces
