@@ -22,6 +22,8 @@ import numpy as np
 
 from minicpmv_edge.errors import MiniCPMVEdgeError
 
+from minicpmv_edge.runtime.resampler import sincos_2d
+
 from .checkpoint import Checkpoint
 
 # MiniCPM-V keys that gguf-py's Keys table lacks (clip-impl.h KEY_MINICPMV_*).
@@ -56,16 +58,6 @@ _RESAMPLER_NAMES = {
 }
 POS_EMBED_K = "resampler.pos_embed_k"
 MMPROJ_TYPES = ("F32", "F16", "Q8_0")
-
-
-def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
-    """[grid_h * grid_w, D] 2-D sincos table, row-major over (y, x): per position the first half of the
-    channels encodes x (sin then cos), the second half y, with omega_k = 10000^(-k / (D/4))."""
-    quarter = embed_dim // 4
-    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
-    ys, xs = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing="ij")
-    ax, ay = np.outer(xs.ravel(), omega), np.outer(ys.ravel(), omega)
-    return np.concatenate([np.sin(ax), np.cos(ax), np.sin(ay), np.cos(ay)], axis=1).astype(np.float32)
 
 
 def mmproj_tensors(ckpt: Checkpoint) -> list[tuple[str, Callable[[], np.ndarray]]]:

@@ -30,6 +30,7 @@ from torch import nn
 
 from minicpmv_edge.facts import IMAGE_TOKENS
 from minicpmv_edge.runtime.preprocess import image_placeholder, preprocess_image
+from minicpmv_edge.runtime.prompt import image_spans
 
 from .checkpoint import Checkpoint, ResamplerConfig, VisionConfig
 
@@ -608,16 +609,7 @@ class MiniCPMVReference:
     def image_spans(self, input_ids: Sequence[int]) -> list[tuple[int, int]]:
         """[start, end) of the filler tokens inside every <image>..</image> / <slice>..</slice>, in order."""
         t = self.token_ids
-        opens = {t["image_start"], t["slice_start"]}
-        closes = {t["image_end"], t["slice_end"]}
-        spans, start = [], None
-        for i, tid in enumerate(input_ids):
-            if tid in opens:
-                start = i + 1
-            elif tid in closes and start is not None:
-                spans.append((start, i))
-                start = None
-        return spans
+        return image_spans(input_ids, {t["image_start"], t["slice_start"]}, {t["image_end"], t["slice_end"]})
 
     # --- language model
     def embed_tokens(self, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:

@@ -396,6 +396,19 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
             return ApiError(400, str(exc))
         return ApiError(500, f"internal error: {type(exc).__name__}", type_="server_error")
 
+    async def _result(job: _Job, request: Request) -> ChatResult:
+        """Wait for a non-streaming job's final result."""
+        result = None
+        try:
+            async for ev in _events(job, request):
+                if ev.result is not None:
+                    result = ev.result
+        except Exception as exc:
+            raise _error_from(exc) from None
+        if result is None:
+            raise ApiError(499, "client closed the request")
+        return result
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = parse_chat_request(await _json_body(request), opts)
@@ -407,15 +420,7 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         if not req.stream:
-            result = None
-            try:
-                async for ev in _events(job, request):
-                    if ev.result is not None:
-                        result = ev.result
-            except Exception as exc:
-                raise _error_from(exc) from None
-            if result is None:
-                raise ApiError(499, "client closed the request")
+            result = await _result(job, request)
             message = {"role": "assistant", "content": result.text}
             if result.reasoning is not None:
                 message["reasoning_content"] = result.reasoning
@@ -468,15 +473,7 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
         req = parse_chat_request(payload, opts)
         job = _Job(_runner(_openai_messages(req.messages, opts), req), asyncio.get_running_loop())
         worker.submit(job, opts.retry_after_s)
-        result = None
-        try:
-            async for ev in _events(job, request):
-                if ev.result is not None:
-                    result = ev.result
-        except Exception as exc:
-            raise _error_from(exc) from None
-        if result is None:
-            raise ApiError(499, "client closed the request")
+        result = await _result(job, request)
         return {"text": result.text, "prompt": prompt, "seed": seed, "finish_reason": result.finish_reason,
                 "usage": _usage(result), "timings": result.timings.as_dict()}
 
