@@ -40,12 +40,17 @@ def run_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="minicpmv-edge run", description="Ask one question about images.")
     _load_args(ap)
     ap.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    ap.add_argument("--video", help="video file (4.5: frames packed through the temporal resampler)")
+    ap.add_argument("--fps", type=float, default=3.0, help="video frames sampled per second")
+    ap.add_argument("--packing", type=int, help="video frames per 64-token block (1-6; default: the recipe's)")
     ap.add_argument("-p", "--prompt", required=True)
     ap.add_argument("--json", action="store_true", help="print the answer and the stage timings as JSON")
     _gen_args(ap)
     args = ap.parse_args(argv)
     model = _load(args)
     content = [{"type": "image_url", "image_url": {"url": str(p)}} for p in args.image]
+    if args.video:
+        content.append({"type": "video", "video": args.video, "fps": args.fps, "packing": args.packing})
     content.append({"type": "text", "text": args.prompt})
     messages = [{"role": "user", "content": content}]
     if args.json:
@@ -61,6 +66,9 @@ def run_main(argv: list[str] | None = None) -> int:
             sys.stdout.write(ev.delta)
             sys.stdout.flush()
     t = result.timings
+    if t.video_frames:
+        print(f"\n[video: {t.video_frames} frames -> {t.video_blocks} blocks of 64 tokens, decoded in "
+              f"{t.video_decode * 1000:.0f} ms]", file=sys.stderr, end="")
     print(f"\n[ttft {t.first_token * 1000:.0f} ms (preprocess {t.preprocess * 1000:.0f}, vision {t.vision * 1000:.0f}, "
           f"resampler {t.resampler * 1000:.0f}, prefill {t.prefill * 1000:.0f}) | decode {t.decode_tok_s:.1f} tok/s]",
           file=sys.stderr)

@@ -112,3 +112,21 @@ def test_temporal_resampler_kernels_vs_torch(tiny_checkpoint, tiny_bundle):
         print(f"\ngroup of {len(ids)}: max relative error {rel:.2e} (tolerance 1e-4)")
         assert rel <= 1e-4
     res.close()
+
+
+def test_cli_run_with_a_video(tiny_bundle, tmp_path):
+    import json
+    import subprocess
+    import sys
+    path = _clip(tmp_path / "clip.mp4", n=9)
+    proc = subprocess.run([sys.executable, "-m", "minicpmv_edge", "run", str(tiny_bundle("4.5")), "--video", str(path),
+                           "--fps", "3", "--packing", "3", "-p", QUESTION, "--max-tokens", "4", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    t = json.loads(proc.stdout)["timings"]
+    assert t["video_frames"] == 9 and t["video_blocks"] == 3 and t["video_decode"] > 0
+    bad = tmp_path / "not-a-video.mp4"
+    bad.write_bytes(b"nope" * 100)
+    proc = subprocess.run([sys.executable, "-m", "minicpmv_edge", "run", str(tiny_bundle("4.5")), "--video", str(bad),
+                           "-p", QUESTION], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "not a video" in proc.stderr and "Traceback" not in proc.stderr
