@@ -34,64 +34,6 @@ class ExportResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _kind_and_precision(key: str, path: Path) -> tuple[str, str]:
-    from minicpmv_edge.runtime.bundle import FileKind
-    role, precision = key.split(":", 1)
-    kind = {"llm": FileKind.LLM_GGUF, "mmproj": FileKind.MMPROJ_GGUF, "vision": FileKind.VISION_ONNX,
-            "resampler": FileKind.RESAMPLER_WEIGHTS, "coreml": FileKind.VISION_COREML}[role]
-    if role == "vision" and precision not in ("fp32", "fp16"):
-        precision = "int8"
-    return kind, precision
-
-
-def write_bundle_manifest(ckpt: Checkpoint, out_dir: Path, files: dict[str, Path], name: str,
-                          parity: dict | None = None) -> Path:
-    """manifest.json for the bundle: model, preprocessing, prompt format, and every file with its hash."""
-    import hashlib
-    import json
-    import os
-
-    from minicpmv_edge.runtime.bundle import MANIFEST, SCHEMA_VERSION
-    f = ckpt.facts
-
-    def sha256(path: Path) -> str:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
-    entries = []
-    for key, path in files.items():
-        kind, precision = _kind_and_precision(key, path)
-        entries.append({"path": path.relative_to(out_dir).as_posix(), "kind": kind, "precision": precision,
-                        "size": path.stat().st_size, "sha256": sha256(path)})
-    pp = ckpt.preprocess
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "name": name,
-        "model": {"family": "MiniCPM-V", "version": f.version, "source": str(ckpt.root.name),
-                  "llm_arch": f.llm_gguf_arch, "llm": ckpt.llm.__dict__, "vision": ckpt.vision.__dict__,
-                  "resampler": ckpt.resampler.__dict__, "video": f.video,
-                  "max_temporal_packing": f.max_temporal_packing},
-        "preprocess": {"slice_size": pp.slice_size, "patch_size": pp.patch_size, "max_slice_nums": pp.max_slice_nums,
-                       "norm_mean": list(pp.norm_mean), "norm_std": list(pp.norm_std), "slicing": f.slicing,
-                       "num_patches_per_side": ckpt.vision.num_patches_per_side},
-        "prompt": {"chat_template": ckpt.chat_template, "special_tokens": dict(f.special_tokens),
-                   "use_image_id": pp.use_image_id, "query_num": ckpt.resampler.query_num, "thinking": f.thinking,
-                   "stop_tokens": list(f.stop_tokens), "bos_token": f.bos_token, "eos_token": f.stop_tokens[0],
-                   "default_system_prompt": f.default_system_prompt,
-                   "image_placeholder": "[<image_id>i</image_id>]<image>{pad*query_num}</image>"
-                                        "[rows of <slice>{pad*query_num}</slice> joined by \\n]"},
-        "files": entries,
-        "parity": parity or {},
-    }
-    path = out_dir / MANIFEST
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
 def parse_types(text: str, known: tuple[str, ...] | None, what: str) -> list[str]:
     types = [t.strip().upper() for t in text.split(",") if t.strip()]
     if not types:
@@ -185,7 +127,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types:
     if unknown:
         result.notes.append(f"types outside the tested ladder: {', '.join(unknown)}")
     if bundle:
-        result.files["manifest"] = write_bundle_manifest(ckpt, out_dir, dict(result.files), name)
+        from .bundle import measure_vision_parity, write_manifest
+        vision_files = [p for k, p in result.files.items() if k.startswith("vision:")]
+        t0 = time.perf_counter()
+        parity = measure_vision_parity(vision_files, ckpt) if vision_files else {}
+        result.seconds["parity"] = time.perf_counter() - t0
+        result.files["manifest"] = write_manifest(out_dir, ckpt, dict(result.files), parity, name=name)
     return result
 
 

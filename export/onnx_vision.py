@@ -1,0 +1,493 @@
+"""Export MiniCPM-V's SigLIP vision tower (and optionally the resampler) to ONNX for onnxruntime.
+
+    arts = export_vision_onnx("MiniCPM-V-4_5", "bundle/", "MiniCPM-V-4_5", precisions=("fp32", "fp16"))
+
+One graph encodes ONE slice of any size (research arch §3.4: batch 1, no padding mask, like llama.cpp):
+
+    inputs   pixel_values  float32 [1, 3, 14*h, 14*w]   a normalised slice (runtime.preprocess `Slice.pixels`)
+             position_ids  int64   [h, w]               `position_bucket_ids(h, w, 70).reshape(h, w)`
+    output   patch_features float32 [1, h*w, C]         after post_layernorm, patches row-major
+    (+resampler) image_embeds float32 [1, Q, D]         one slice's resampler block, ready for the LLM
+
+The bucketed NaViT position ids are an input computed by the runtime (numpy, bit-exact with HF's float32
+`torch.arange`/`bucketize`, see runtime/preprocess.py), so the graph holds no arange quirks; its shape
+[h, w] also carries the patch grid, from which the resampler graph builds its 2D sincos keys in-graph
+(integer coordinates, no interpolation, arch §4.1). h and w are dynamic; any grid works, the 70x70
+learned table is indexed only through the ids.
+
+The graph is exported with torch.export (opset 18, attention written with plain MatMul/Softmax so every
+ONNX runtime can read it) and then, unless `fuse=False`, rewritten by onnxruntime's transformer optimizer
+(`model_type="clip"`) into ORT CPU kernels: com.microsoft `Attention` (packed QKV), `SkipLayerNormalization`
+and `FastGelu` (`FUSED_OPS` lists what a file holds; `ort_session_fusions` what ORT adds at load).
+fp16 files are converted from the fp32 graph with the ops in `fp16_keep_fp32` left in fp32 and float32
+inputs/outputs. Files above 2 GB of weights are written with external data (`<file>.data`). Every file is
+written into a temporary folder and renamed into place when complete.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minicpmv_edge.errors import MiniCPMVEdgeError
+from minicpmv_edge.runtime.vision import VisionIO
+
+from .checkpoint import Checkpoint
+from .reference import Resampler, VisionTower
+
+__all__ = ["IO", "GRAPHS", "PRECISIONS", "FUSED_OPS", "FUSIONS", "FP16_KEEP_FP32", "PARITY_GRIDS",
+           "EXPORT_PARITY_GRIDS", "EXTERNAL_DATA_THRESHOLD", "OnnxArtifact", "SliceVisionModel", "export_onnx",
+           "convert_fp16", "export_vision_onnx", "save_onnx", "onnx_file_name", "slice_feed", "random_slice",
+           "parity", "op_counts", "ort_session", "ort_session_fusions", "cosine_rows", "reference_modules",
+           "reference_output"]
+
+
+# Input/output names of every vision graph (ONNX and CoreML): the runtime owns them (runtime/vision.py).
+IO = VisionIO
+
+
+# graph name -> output it ends in
+GRAPHS = {"vision": IO.PATCH_FEATURES, "vision_resampler": IO.IMAGE_EMBEDS}
+PRECISIONS = ("fp32", "fp16")
+OPSET = 18
+# ORT CPU fused kernels we look for (com.microsoft domain, plus the ONNX LayerNormalization op).
+FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "LayerNormalization", "FastGelu",
+             "BiasGelu", "Gelu", "FusedMatMul")
+# Ops kept in fp32 inside fp16 graphs. Measured on SigLIP-400M dims (bench/bench_vision.py --fp16-keep):
+# keeping the norms and the softmax in fp32 costs little and bounds the error of long (4900-patch) rows.
+FP16_KEEP_FP32 = ("LayerNormalization", "SkipLayerNormalization", "Softmax")
+# Grids (h, w) in patches that parity checks cover: the 448x448 slice, the slicer's usual cells, extremes, and
+# 25x49, where HF's float32 bucketing differs from floor(70 i / n) (the ids input must carry it).
+PARITY_GRIDS = ((32, 32), (28, 40), (16, 70), (40, 28), (25, 49), (46, 22), (5, 3), (1, 1))
+EXPORT_PARITY_GRIDS = ((32, 32), (28, 40), (16, 70))
+# Above this many bytes of weights a model is written with external data (protobuf's limit is 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 2 ** 31 - 2 ** 26
+
+
+def onnx_file_name(name: str, precision: str, graph: str = "vision") -> str:
+    """`vision-<name>-<precision>.onnx` / `vision-resampler-<name>-<precision>.onnx`."""
+    stem = "vision" if graph == "vision" else "vision-resampler"
+    return f"{stem}-{name}-{precision}.onnx"
+
+
+# =============================================================================================
+# Export-friendly modules (same weights as the reference, no shape-derived Python ints)
+# =============================================================================================
+
+class _Attention(nn.Module):
+    """Self-attention of one slice without a mask; heads split with unflatten (no Python ints from shapes)."""
+
+    def __init__(self, ref: nn.Module):
+        super().__init__()
+        self.ref = ref
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:                    # x: [1, N, C]
+        a = self.ref
+        split = lambda t: t.unflatten(-1, (a.heads, a.head_dim)).transpose(1, 2)  # -> [1, H, N, hd]
+        q, k, v = split(a.q_proj(x)), split(a.k_proj(x)), split(a.v_proj(x))
+        probs = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * a.scale, dim=-1)   # [1, H, N, N]
+        return a.out_proj(torch.matmul(probs, v).transpose(1, 2).flatten(2))          # [1, N, C]
+
+
+class _SliceResampler(nn.Module):
+    """The 2D resampler for one slice (no padding): features [1, N, kv] + grid (h, w) -> [1, Q, D]."""
+
+    def __init__(self, ref: Resampler):
+        super().__init__()
+        self.ref = ref
+        d = ref.cfg.embed_dim
+        e = d // 4                                                          # sincos_1d(D/2) -> D/4 frequencies
+        omega = np.arange(e, dtype=np.float32)
+        omega /= np.float32(e)
+        omega = (1.0 / 10000 ** omega).astype(np.float32)                   # as reference._sincos_1d (float32)
+        # float64 in the graph: fp16 conversion leaves it alone (sin of coordinates up to ~1000 needs more than
+        # fp16), and it differs from the float32 reference by < 4e-6 (float32 rounding of x * omega).
+        self.register_buffer("omega", torch.from_numpy(omega.astype(np.float64)), persistent=False)
+
+    def _sincos(self, h, w) -> torch.Tensor:
+        """[h*w, D] float32: x (width) half first [sin, cos], then y half; integer patch coordinates."""
+        xs = torch.arange(w, dtype=torch.float64)[:, None] * self.omega     # [w, D/4]
+        ys = torch.arange(h, dtype=torch.float64)[:, None] * self.omega     # [h, D/4]
+        ex = torch.cat([xs.sin(), xs.cos()], dim=-1).float()                # [w, D/2]
+        ey = torch.cat([ys.sin(), ys.cos()], dim=-1).float()                # [h, D/2]
+        grid = torch.cat([ex[None].expand(h, -1, -1), ey[:, None].expand(-1, w, -1)], dim=-1)  # [h, w, D]
+        return grid.flatten(0, 1)                                           # [h*w, D]
+
+    def forward(self, feats: torch.Tensor, h, w) -> torch.Tensor:           # feats: [1, N, kv]
+        r = self.ref
+        att = r.attn
+        x = r.ln_kv(r.kv_proj(feats))                                       # [1, N, D]
+        k_in = x + self._sincos(h, w)[None]                                 # keys carry the position
+        wq, wk, wv = att.in_proj_weight.chunk(3)
+        bq, bk, bv = att.in_proj_bias.chunk(3)
+        split = lambda t: t.unflatten(-1, (att.heads, att.head_dim)).transpose(1, 2)  # [1, H, L, hd]
+        q = split(F.linear(r.ln_q(r.query)[None], wq, bq))                  # [1, H, Q, hd]
+        k = split(F.linear(k_in, wk, bk))                                   # [1, H, N, hd]
+        v = split(F.linear(x, wv, bv))
+        probs = torch.softmax(torch.matmul(q * att.head_dim ** -0.5, k.transpose(2, 3)), dim=-1)  # [1, H, Q, N]
+        out = att.out_proj(torch.matmul(probs, v).transpose(1, 2).flatten(2))  # [1, Q, D]
+        return r.ln_post(out) @ r.proj                                      # [1, Q, D]
+
+
+class SliceVisionModel(nn.Module):
+    """One slice through the reference tower's weights (and optionally the resampler):
+
+    (pixel_values [1, 3, 14h, 14w], position_ids [h, w] int64) -> patch_features [1, h*w, C] or image_embeds
+    [1, Q, D]. Equal to `VisionTower.encode([pixels])[0]` (and `Resampler(...)`) for a single slice.
+    """
+
+    def __init__(self, tower: VisionTower, resampler: Resampler | None = None):
+        super().__init__()
+        self.tower = tower
+        self.attn = nn.ModuleList(_Attention(layer.self_attn) for layer in tower.encoder.layers)
+        self.resampler = _SliceResampler(resampler) if resampler is not None else None
+
+    def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        t = self.tower
+        emb = t.embeddings
+        x = emb.patch_embedding(pixel_values).flatten(2).transpose(1, 2)   # [1, N, C] row-major patches
+        x = x + emb.position_embedding(position_ids.flatten())[None]        # [1, N, C]
+        for layer, attn in zip(t.encoder.layers, self.attn):
+            x = x + attn(layer.layer_norm1(x))
+            x = x + layer.mlp(layer.layer_norm2(x))
+        x = t.post_layernorm(x)
+        if self.resampler is None:
+            return x
+        h, w = position_ids.shape
+        return self.resampler(x, h, w)
+
+
+# =============================================================================================
+# Writing
+# =============================================================================================
+
+@dataclass
+class OnnxArtifact:
+    """One written ONNX model."""
+    path: Path
+    graph: str                                   # "vision" | "vision_resampler"
+    precision: str                               # "fp32" | "fp16" | "int8" (the default recipe) | a recipe name
+    files: list[Path]                            # the .onnx and its external data file, if any
+    op_counts: dict[str, int] = field(default_factory=dict)
+    fused: dict[str, int] = field(default_factory=dict)   # FUSED_OPS (or quantized kernels) present in the file
+    fp32_ops: tuple[str, ...] = ()               # op types (fp16) or Linear roles (int8) kept fp32
+    seconds: float = 0.0
+    quant: dict[str, Any] = field(default_factory=dict)   # how it was made from fp32 (recorded in the manifest)
+    fusion: str = "full"                         # FUSIONS level of the graph (fp32 exports)
+
+    @property
+    def size(self) -> int:
+        return sum(p.stat().st_size for p in self.files)
+
+
+def _initializer_bytes(model) -> int:
+    total = 0
+    for t in model.graph.initializer:
+        if t.raw_data:
+            total += len(t.raw_data)
+        else:
+            total += int(np.prod(t.dims, dtype=np.int64)) * 4
+    return total
+
+
+def save_onnx(model, path: str | Path, *, external: bool | None = None) -> list[Path]:
+    """Write `model` to `path` (temporary folder + rename). External data (`<name>.data`) when the weights
+    exceed EXTERNAL_DATA_THRESHOLD or `external=True`. Returns the written files (.onnx first).
+
+    With external data onnx moves the weights out of the in-memory proto; do not reuse `model` afterwards."""
+    import onnx
+
+    path = Path(path)
+    if external is None:
+        external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_name = path.name + ".data"
+    staging = path.parent / f".{path.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        if external:
+            onnx.save_model(model, staging / path.name, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        else:
+            onnx.save_model(model, staging / path.name)
+        written = [path]
+        stale = path.parent / data_name
+        if external:
+            os.replace(staging / data_name, stale)            # data first: the .onnx must never dangle
+            written.append(stale)
+        elif stale.exists():
+            stale.unlink()
+        os.replace(staging / path.name, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return written
+
+
+def op_counts(model) -> dict[str, int]:
+    """Node count per op type (main graph)."""
+    return dict(Counter(n.op_type for n in model.graph.node).most_common())
+
+
+def _fused(counts: dict[str, int]) -> dict[str, int]:
+    return {op: counts[op] for op in FUSED_OPS if counts.get(op)}
+
+
+def _build_module(ckpt: Checkpoint, graph: str) -> SliceVisionModel:
+    if graph not in GRAPHS:
+        raise MiniCPMVEdgeError(f"unknown vision graph {graph!r} (choose from {', '.join(GRAPHS)})")
+    tower = VisionTower.from_checkpoint(ckpt)
+    resampler = Resampler.from_checkpoint(ckpt) if graph == "vision_resampler" else None
+    return SliceVisionModel(tower, resampler).eval()
+
+
+def _torch_export(module: SliceVisionModel, graph: str, example: tuple[int, int] = (32, 40)):
+    """torch.export -> ONNX ModelProto (opset 18) with dynamic h, w."""
+    import warnings
+
+    p = module.tower.cfg.patch_size
+    h, w = example
+    px = torch.zeros(1, 3, p * h, p * w)
+    ids = torch.zeros(h, w, dtype=torch.int64)
+    dh = torch.export.Dim("h", min=1, max=4096)
+    dw = torch.export.Dim("w", min=1, max=4096)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(
+            module, (px, ids), dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
+            input_names=[IO.PIXEL_VALUES.value, IO.POSITION_IDS.value], output_names=[GRAPHS[graph].value],
+            dynamic_shapes={"pixel_values": {2: p * dh, 3: p * dw}, "position_ids": {0: dh, 1: dw}})
+    model = prog.model_proto
+    _name_dims(model)
+    return model
+
+
+def _name_dims(model) -> None:
+    """Readable symbolic dims: h, w on the inputs, n_patches / n_queries on the output."""
+    def set_dims(value, names):
+        for d, name in zip(value.type.tensor_type.shape.dim, names):
+            if name is not None and not d.HasField("dim_value"):
+                d.dim_param = name
+    for vi in model.graph.input:
+        if vi.name == IO.PIXEL_VALUES.value:
+            set_dims(vi, (None, None, "height", "width"))
+        elif vi.name == IO.POSITION_IDS.value:
+            set_dims(vi, ("h", "w"))
+    for vi in model.graph.output:
+        if vi.name == IO.PATCH_FEATURES.value:
+            set_dims(vi, (None, "n_patches", None))
+
+
+FUSIONS = ("full", "no_attention", "none")
+
+
+def _fuse(model, num_heads: int, hidden: int, level: str = "full"):
+    """onnxruntime transformer optimizer, CLIP patterns: Attention (packed QKV), SkipLayerNormalization,
+    FastGelu. `level="no_attention"` leaves q/k/v as separate MatMuls (what weight quantizers can rewrite)."""
+    import logging
+
+    import onnx
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    if level == "none":
+        return model
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    options = FusionOptions("clip")
+    options.enable_attention = level == "full"
+    opt = optimize_model(model, model_type="clip", num_heads=num_heads, hidden_size=hidden, opt_level=0,
+                         optimization_options=options)
+    fused = opt.model
+    if not any(o.domain == "com.microsoft" for o in fused.opset_import):
+        fused.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return fused
+
+
+def _fusion_level(fuse: bool | str) -> str:
+    level = {True: "full", False: "none"}.get(fuse, fuse) if isinstance(fuse, bool) else fuse
+    if level not in FUSIONS:
+        raise MiniCPMVEdgeError(f"unknown fusion level {fuse!r} (choose from {', '.join(FUSIONS)})")
+    return level
+
+
+def export_onnx(source: Checkpoint | str | Path | SliceVisionModel, out_path: str | Path, *, graph: str = "vision",
+                fuse: bool | str = True, external: bool | None = None) -> OnnxArtifact:
+    """Export the fp32 graph of one slice (`graph="vision"` or `"vision_resampler"`) to `out_path`.
+
+    source: a checkpoint (folder or `Checkpoint`), or a ready `SliceVisionModel` (bench: random weights).
+    fuse: True / "full" (ORT CPU kernels incl. Attention), "no_attention" (the base int8 recipes quantize),
+    False / "none" (standard ONNX ops only, for runtimes other than onnxruntime)."""
+    t0 = time.perf_counter()
+    level = _fusion_level(fuse)
+    if isinstance(source, SliceVisionModel):
+        module = source.eval()
+        if (module.resampler is not None) != (graph == "vision_resampler"):
+            raise MiniCPMVEdgeError(f"graph {graph!r} does not match the module (resampler: "
+                                    f"{module.resampler is not None})")
+    else:
+        ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source)
+        module = _build_module(ckpt, graph)
+    cfg = module.tower.cfg
+    model = _torch_export(module, graph)
+    model = _fuse(model, cfg.num_attention_heads, cfg.hidden_size, level)
+    counts = op_counts(model)
+    files = save_onnx(model, out_path, external=external)
+    return OnnxArtifact(Path(out_path), graph, "fp32", files, counts, _fused(counts),
+                        seconds=time.perf_counter() - t0, fusion=level)
+
+
+def convert_fp16(src: str | Path, out_path: str | Path, *, keep_fp32: Sequence[str] = FP16_KEEP_FP32,
+                 external: bool | None = None) -> OnnxArtifact:
+    """fp16 copy of an fp32 graph: weights and compute in fp16 except the op types in `keep_fp32`
+    (Cast nodes around them); pixel_values / outputs stay float32, position_ids int64."""
+    import onnx
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    t0 = time.perf_counter()
+    model = OnnxModel(onnx.load(str(src)))
+    model.convert_float_to_float16(keep_io_types=True, op_block_list=list(keep_fp32) or None)
+    counts = op_counts(model.model)
+    graph = "vision_resampler" if any(o.name == IO.IMAGE_EMBEDS.value for o in model.model.graph.output) else "vision"
+    files = save_onnx(model.model, out_path, external=external)
+    return OnnxArtifact(Path(out_path), graph, "fp16", files, counts, _fused(counts), tuple(keep_fp32),
+                        seconds=time.perf_counter() - t0,
+                        quant={"method": "fp16 conversion (onnxruntime.transformers float16)",
+                               "kept_fp32_ops": list(keep_fp32), "io": "float32 pixels/outputs, int64 ids"})
+
+
+def export_vision_onnx(ckpt: Checkpoint | str | Path, out_dir: str | Path, name: str | None = None, *,
+                       precisions: Iterable[str] = PRECISIONS, with_resampler: bool = False,
+                       fuse: bool | str = True,
+                       ) -> list[OnnxArtifact]:
+    """Every ONNX vision file for a checkpoint: `vision-<name>-<precision>.onnx` for each precision, and
+    `vision-resampler-<name>-<precision>.onnx` too when `with_resampler`. fp32 is always written first (fp16
+    is converted from it) but is removed again if not asked for."""
+    ckpt = ckpt if isinstance(ckpt, Checkpoint) else Checkpoint.open(ckpt)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = name or ckpt.root.name
+    precisions = list(dict.fromkeys(precisions))
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad:
+        raise MiniCPMVEdgeError(f"unknown ONNX precision(s) {', '.join(bad)} (choose from {', '.join(PRECISIONS)}; "
+                                f"int8 recipes live in minicpmv_edge.quantize.onnx_int8)")
+    out: list[OnnxArtifact] = []
+    for graph in (["vision", "vision_resampler"] if with_resampler else ["vision"]):
+        fp32 = export_onnx(ckpt, out_dir / onnx_file_name(name, "fp32", graph), graph=graph, fuse=fuse)
+        made = {"fp32": fp32}
+        if "fp16" in precisions:
+            made["fp16"] = convert_fp16(fp32.path, out_dir / onnx_file_name(name, "fp16", graph))
+        if "fp32" not in precisions:
+            for f in fp32.files:
+                f.unlink()
+        out += [made[p] for p in precisions]
+    return out
+
+
+# =============================================================================================
+# Running and measuring (tests, bench, bundle parity)
+# =============================================================================================
+
+def slice_feed(pixels: np.ndarray, patch_size: int = 14, num_patches_per_side: int = 70) -> dict[str, np.ndarray]:
+    """The ONNX input dict for one normalised slice [3, H, W] (e.g. `Slice.pixels`)."""
+    from minicpmv_edge.runtime.preprocess import position_bucket_ids
+
+    _, hh, ww = pixels.shape
+    if hh % patch_size or ww % patch_size:
+        raise ValueError(f"slice {hh}x{ww} is not a multiple of the patch size {patch_size}")
+    h, w = hh // patch_size, ww // patch_size
+    ids = position_bucket_ids(h, w, num_patches_per_side).reshape(h, w)
+    return {IO.PIXEL_VALUES.value: np.ascontiguousarray(pixels[None], dtype=np.float32),
+            IO.POSITION_IDS.value: ids}
+
+
+def random_slice(h: int, w: int, patch_size: int = 14, seed: int = 0) -> np.ndarray:
+    """A normalised slice with pixel values uniform in [-1, 1] (what mean = std = 0.5 produces): [3, H, W]."""
+    rng = np.random.default_rng([seed, h, w])
+    return rng.uniform(-1.0, 1.0, size=(3, patch_size * h, patch_size * w)).astype(np.float32)
+
+
+def cosine_rows(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row (patch or query) of two [N, C] arrays, in float64."""
+    g = np.asarray(got, dtype=np.float64).reshape(-1, want.shape[-1])
+    r = np.asarray(want, dtype=np.float64).reshape(-1, want.shape[-1])
+    den = np.linalg.norm(g, axis=1) * np.linalg.norm(r, axis=1)
+    return (g * r).sum(axis=1) / np.maximum(den, 1e-30)
+
+
+def ort_session(path: str | Path, threads: int | None = None, level: str = "all"):
+    """An onnxruntime CPU session (`level`: "basic", "extended", "all")."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def ort_session_fusions(path: str | Path) -> dict[str, int]:
+    """FUSED_OPS in the graph onnxruntime runs after its own (extended-level) optimisations at load time."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        so.log_severity_level = 3
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return _fused(op_counts(onnx.load(so.optimized_model_filepath)))
+
+
+def reference_modules(ckpt: Checkpoint) -> tuple[VisionTower, Resampler]:
+    return VisionTower.from_checkpoint(ckpt), Resampler.from_checkpoint(ckpt)
+
+
+@torch.no_grad()
+def reference_output(tower: VisionTower, resampler: Resampler | None, pixels: np.ndarray) -> np.ndarray:
+    """The torch reference for one slice: [h*w, C] patch features, or [Q, D] when `resampler` is given."""
+    px = torch.from_numpy(pixels)
+    feats = tower.encode([px])[0]                                           # [h*w, C]
+    if resampler is None:
+        return feats.numpy()
+    p = tower.cfg.patch_size
+    return resampler([feats], [(px.shape[1] // p, px.shape[2] // p)])[0].numpy()   # [Q, D]
+
+
+def parity(model_path: str | Path, ckpt: Checkpoint, grids: Sequence[tuple[int, int]] = EXPORT_PARITY_GRIDS, *,
+           seed: int = 0, session: Any = None, modules: tuple[VisionTower, Resampler] | None = None
+           ) -> dict[str, Any]:
+    """Run an ONNX vision graph and the torch reference on random slices of each grid; per-row cosine.
+
+    Returns {"reference": "torch", "grids": [{"grid": [h, w], "min_cosine", "mean_cosine", "max_abs"}...],
+    "min_cosine": worst row over all grids, "mean_cosine"}."""
+    sess = session if session is not None else ort_session(model_path)
+    graph = "vision_resampler" if any(o.name == IO.IMAGE_EMBEDS.value for o in sess.get_outputs()) else "vision"
+    tower, resampler = modules if modules is not None else reference_modules(ckpt)
+    p, side = ckpt.vision.patch_size, ckpt.vision.num_patches_per_side
+    rows = []
+    for h, w in grids:
+        px = random_slice(h, w, p, seed)
+        got = sess.run(None, slice_feed(px, p, side))[0][0].astype(np.float32)
+        want = reference_output(tower, resampler if graph == "vision_resampler" else None, px)
+        cos = cosine_rows(got, want)
+        rows.append({"grid": [h, w], "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
+                     "max_abs": float(np.abs(got - want).max())})
+    return {"reference": "torch (export/reference.py)", "graph": graph, "grids": rows,
+            "min_cosine": min(r["min_cosine"] for r in rows),
+            "mean_cosine": float(np.mean([r["mean_cosine"] for r in rows]))}

@@ -1,0 +1,152 @@
+"""Weight compression of the CoreML vision package (coremltools.optimize.coreml), as named variants.
+
+    arts = compress_vision_coreml(ckpt, "bundle/", "X", variants=("w8", "p4"))   # converts the fp16 base itself
+    art = compress_coreml("vision-X-fp16.mlpackage", "vision-X-w8.mlpackage", "w8")
+
+Variants (weights of every linear and conv op; the position-embedding table (gather) and tensors under 2048
+values stay fp16; compute stays fp16):
+
+| variant | what | stored as | needs |
+|---|---|---|---|
+| `w8` | int8 linear, symmetric, per output channel | `constexpr_affine_dequantize` (iOS17) | - |
+| `p4` | 4-bit palette (k-means, 16 fp16 values per tensor) | `constexpr_lut_to_dense`, uint4 | scikit-learn |
+| `w4` | int4 linear, symmetric, blocks of 32 input values | `constexpr_blockwise_shift_scale` | iOS18 target |
+
+The fp16 base is converted with the variant's target: w4 (per-block) only exists from iOS18 on
+(coremltools raises otherwise), the others keep iOS17. Accuracy cannot be measured on Linux (no CoreML
+prediction); on macOS `export.coreml_vision.parity_coreml` measures it.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from minicpmv_edge.errors import MiniCPMVEdgeError, MissingExtraError
+from minicpmv_edge.export.checkpoint import Checkpoint
+from minicpmv_edge.export.coreml_vision import (CoremlArtifact, _ct, convert_coreml, coreml_file_name,
+                                                save_mlpackage)
+
+_TARGET_ORDER = ("iOS16", "iOS17", "iOS18")
+
+__all__ = ["CoremlVariant", "VARIANTS", "compress_model", "compress_coreml", "compress_vision_coreml"]
+
+
+@dataclass(frozen=True)
+class CoremlVariant:
+    name: str
+    method: str                 # "linear" | "palettize"
+    dtype: str | None = None    # linear: "int8" | "int4"
+    granularity: str = "per_tensor"
+    block_size: int | None = None
+    nbits: int | None = None    # palettize
+    target: str = "iOS17"
+    stored_op: str = ""         # the constexpr op the weights end up behind (what spec checks look for)
+    stored_dtype: str = ""
+
+    def describe(self) -> dict:
+        return {"variant": self.name, "method": self.method, "dtype": self.dtype, "nbits": self.nbits,
+                "granularity": self.granularity, "block_size": self.block_size, "compute": "fp16",
+                "tool": "coremltools.optimize.coreml", "not_compressed": "position embedding (gather), "
+                "tensors < 2048 values"}
+
+
+VARIANTS: dict[str, CoremlVariant] = {v.name: v for v in (
+    CoremlVariant("w8", "linear", dtype="int8", granularity="per_channel",
+                  stored_op="constexpr_affine_dequantize", stored_dtype="int8"),
+    CoremlVariant("p4", "palettize", nbits=4, stored_op="constexpr_lut_to_dense", stored_dtype="uint4"),
+    CoremlVariant("w4", "linear", dtype="int4", granularity="per_block", block_size=32, target="iOS18",
+                  stored_op="constexpr_blockwise_shift_scale", stored_dtype="int4"),
+)}
+
+
+def _variant(name: str) -> CoremlVariant:
+    if name not in VARIANTS:
+        raise MiniCPMVEdgeError(f"unknown CoreML variant {name!r} (choose from fp16, {', '.join(VARIANTS)})")
+    return VARIANTS[name]
+
+
+def compress_model(ml, variant: str | CoremlVariant):
+    """Compressed copy of an in-memory ML program."""
+    _ct()
+    import coremltools.optimize.coreml as cto
+
+    v = variant if isinstance(variant, CoremlVariant) else _variant(variant)
+    out = _compress(cto, ml, v)
+    for key, value in dict(ml.user_defined_metadata).items():       # keep our metadata (shapes, grids, target)
+        if key.startswith("minicpmv_edge."):
+            out.user_defined_metadata[key] = value
+    out.user_defined_metadata["minicpmv_edge.compression"] = v.name
+    out.short_description = ml.short_description
+    return out
+
+
+def _compress(cto, ml, v: CoremlVariant):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if v.method == "linear":
+            kw = {"block_size": v.block_size} if v.block_size else {}
+            op_cfg = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype=v.dtype, granularity=v.granularity,
+                                                 **kw)
+            cfg = cto.OptimizationConfig(global_config=op_cfg, op_type_configs={"gather": None})
+            return cto.linear_quantize_weights(ml, cfg)
+        if v.method == "palettize":
+            try:
+                import sklearn  # noqa: F401  (coremltools' k-means needs it)
+            except ImportError:
+                raise MissingExtraError("export", "scikit-learn") from None
+            cfg = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(mode="kmeans", nbits=v.nbits),
+                                         op_type_configs={"gather": None})
+            return cto.palettize_weights(ml, cfg)
+    raise MiniCPMVEdgeError(f"variant {v.name}: unknown method {v.method!r}")
+
+
+def compress_coreml(src: str | Path, out_path: str | Path, variant: str) -> CoremlArtifact:
+    """Compress a saved fp16 .mlpackage into `out_path`. Its deployment target must allow the variant."""
+    ct = _ct()
+    v = _variant(variant)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ml = ct.models.MLModel(str(src), skip_model_load=True)
+    meta = dict(ml.get_spec().description.metadata.userDefined)
+    ml = compress_model(ml, v)
+    out = save_mlpackage(ml, out_path)
+    return CoremlArtifact(out, v.name, meta.get("minicpmv_edge.target", v.target),
+                          meta.get("minicpmv_edge.shapes", "range"), (), v.describe(), time.perf_counter() - t0)
+
+
+def compress_vision_coreml(ckpt: Checkpoint | str | Path, out_dir: str | Path, name: str | None = None, *,
+                           variants: Sequence[str] = ("w8", "p4"), shapes: str = "range",
+                           grids: Sequence[tuple[int, int]] | None = None,
+                           base: CoremlArtifact | None = None) -> list[CoremlArtifact]:
+    """Write `vision-<name>-<variant>.mlpackage` for each variant, converting the fp16 base once per
+    deployment target the variants need (w4 needs iOS18; enumerated shapes force iOS18 for all).
+    `base`: an fp16 package already written by `export_vision_coreml`; variants whose target it meets are
+    compressed from it instead of converting again (conversion of the 400M tower takes minutes)."""
+    ckpt = ckpt if isinstance(ckpt, Checkpoint) else Checkpoint.open(ckpt)
+    name = name or ckpt.root.name
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vs = [_variant(v) for v in dict.fromkeys(variants)]
+    bases: dict[str, object] = {}
+    out = []
+    for v in vs:
+        target = "iOS18" if shapes == "enumerated" else v.target
+        t0 = time.perf_counter()
+        if base is not None and base.shapes == shapes and _TARGET_ORDER.index(base.target) >= _TARGET_ORDER.index(target):
+            art = compress_coreml(base.path, out_dir / coreml_file_name(name, v.name), v.name)
+            art.grids = base.grids
+            out.append(art)
+            continue
+        if target not in bases:
+            bases[target] = convert_coreml(ckpt, shapes=shapes, grids=grids, target=target)
+        base = bases[target]
+        meta = base.user_defined_metadata
+        used = tuple(tuple(int(x) for x in g.split("x")) for g in meta["minicpmv_edge.grids"].split(";")) \
+            if "minicpmv_edge.grids" in meta else ()
+        path = save_mlpackage(compress_model(base, v), out_dir / coreml_file_name(name, v.name))
+        out.append(CoremlArtifact(path, v.name, target, shapes, used, v.describe(), time.perf_counter() - t0))
+    return out
