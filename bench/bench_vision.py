@@ -42,6 +42,8 @@ from typing import Callable
 
 import numpy as np
 
+from minicpmv_edge.runtime.benchmark import cpu_name
+
 ROOT = Path(__file__).resolve().parent
 
 
@@ -332,7 +334,7 @@ def run(args) -> dict:
 
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": args.threads,
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads,
                     "python": platform.python_version(), "onnxruntime": _version("onnxruntime"),
                     "torch": _version("torch")},
         "model": {"vision": f"SigLIP-400M dims: hidden {v.hidden_size}, {v.num_hidden_layers} layers, "
@@ -375,16 +377,6 @@ def _version(mod: str) -> str:
         return __import__(mod).__version__
     except Exception:
         return "n/a"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ---------------------------------------------------------------------------------------------- report

@@ -206,7 +206,7 @@ def run_bench(bundle: Path, *, image: Path | None = None, reps: int = 3, n_decod
     model = load(b, llm=llm, vision=vision, threads=threads, n_ctx=n_ctx)
     img = _bench_image(image)
     report: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(), "cpu": _cpu_name(),
+        "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(), "cpu": cpu_name(),
         "threads": threads, "bundle": str(bundle), "llm": model.files["llm"].name,
         "vision": model.files["vision"].name, "resampler": type(model.resampler).__name__,
         "n_decode": n_decode, "reps": reps,
@@ -226,7 +226,7 @@ def run_bench(bundle: Path, *, image: Path | None = None, reps: int = 3, n_decod
     return report
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
