@@ -1,21 +1,27 @@
 """Vision tower speed and accuracy: torch eager vs onnxruntime fp32 / fp16 / every int8 recipe vs llama.cpp's
 clip on our F16 mmproj, one 448x448 slice (32x32 patches), same random weights, in one run.
 
-    .venv/bin/python bench/bench_vision.py                        # SigLIP-400M dims (1152 x 27), ~20 min
+    .venv/bin/python bench/bench_vision.py                        # SigLIP-400M dims (1152 x 27), ~30 min
     .venv/bin/python bench/bench_vision.py --layers 2 --runs 1    # a smoke run in ~1 min
+    .venv/bin/python bench/bench_vision.py --coreml-only          # CoreML variants: conversion time and sizes
 
 Weights: a synthetic MiniCPM-V 4.5 checkpoint written for the bench (`make_bench_checkpoint`): the SigLIP-400M
 tower with synth's fan-in scaled random weights, the resampler at 2560 wide (Qwen3-4B, our edge-4b LLM width)
 and a one-layer LLM of that width, which llama.cpp's mtmd needs to be created against. **Random weights are
-harsher on int8 than trained ones** (no outlier structure to exploit, but no redundancy either; see
-research/toolchain.md §3: per-tensor dynamic int8 measured 0.935 on HF-init random so400m weights): read the
-cosines as a floor, and re-measure with real weights before relying on a recipe.
+harsher on int8 than trained ones** (no redundancy to exploit; research/toolchain.md §3 measured 0.935 for
+per-tensor dynamic int8 on HF-init random so400m weights) **and cannot show the activation outliers of trained
+SigLIP**: read the cosines as indicative, and re-measure with real weights before relying on a recipe.
+
+The files (ONNX exports, int8 recipes, fp16, GGUFs) are made by a child process (`--prepare-only`): torch.export
+of the 400M tower peaks at ~16 GB RSS and leaves GBs of heap behind, which the timing process must not carry.
+With `--work DIR` they are kept and reused by the next run.
 
 Every row is validated before it is timed: cosine per patch row against the torch fp32 reference (min and
-mean over the 1024 rows). Timing is by groups (precisions, fusions, int8, clip), each holding ORT fp32: inside
-a group the variants run round-robin (run i of every variant before run i+1 of any), 1 warm-up then `--runs`
-runs, median; ratios are to the ORT fp32 of the same group. The box is shared (other processes come and go,
-+-50 % between minutes), and round-robin exposes every variant of a group to the same load.
+mean over the 1024 rows). Timing is by groups (torch, fp16, fusions, int8-dynamic, int8-weight-only, clip), each
+holding ORT fp32: inside a group the variants run round-robin (run i of every variant before run i+1 of any),
+1 warm-up then `--runs` runs, median; ratios are to the ORT fp32 of the same group. The box is shared (other
+jobs come and go: absolute times moved 2x between groups of one run), and round-robin exposes every variant of
+a group to the same load, so the ratios hold where the absolute times do not.
 
 llama.cpp's clip encodes the ViT *and* the resampler (an mmproj holds both), so its row is compared with the
 ORT vision+resampler graph (`vision_resampler fp32`), whose output it must also match (cosine on the 64 rows).
@@ -372,6 +378,47 @@ def clip_variant(mmproj: str, llm: str, image, want_emb: np.ndarray, threads: in
                        note="mtmd_encode_chunk incl. its own preprocessing; ViT + resampler"), open_, want_emb, close)
 
 
+def coreml_sizes(args) -> dict:
+    """Convert the bench tower to every CoreML variant (spec only: no prediction on Linux); sizes and times."""
+    from minicpmv_edge.export import coreml_vision as CV
+    from minicpmv_edge.export.checkpoint import Checkpoint
+    from minicpmv_edge.quantize import coreml_compress as CC
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-vision-"))
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpoint.open(make_bench_checkpoint(work / f"ckpt-{args.layers}l", args.layers))
+    t0 = time.perf_counter()
+    base = CV.export_vision_coreml(ckpt, work / "coreml", "bench")
+    arts = [base, *CC.compress_vision_coreml(ckpt, work / "coreml", "bench", variants=tuple(CC.VARIANTS), base=base)]
+    rows = []
+    for a in arts:
+        info = CV.inspect_mlpackage(a.path)
+        rows.append({"variant": a.precision, "target": a.target, "size_mb": info["size"] / 1e6,
+                     "seconds": a.seconds, "weights": info["weights"], "ops": info["ops"]})
+        print(f"  {a.precision:<5} {a.target}  {info['size'] / 1e6:8.1f} MB  {a.seconds:6.1f} s  {info['weights']}",
+              flush=True)
+    v = ckpt.vision
+    res = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+           "model": f"SigLIP-400M dims: hidden {v.hidden_size}, {v.num_hidden_layers} layers",
+           "machine": {"cpu": cpu_name(), "coremltools": _version("coremltools")},
+           "rows": rows, "seconds_total": time.perf_counter() - t0}
+    if not args.keep and not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return res
+
+
+def coreml_markdown(res: dict) -> str:
+    out = [f"# CoreML vision packages ({res['model']})", "",
+           f"`{res['command']}` — coremltools {res['machine']['coremltools']} on Linux: conversion and spec only "
+           "(CoreML cannot predict on Linux; accuracy is measured on macOS by tests/test_vision_export.py). "
+           "Sizes include the fp16 70x70 position table (4900 x 1152 x 2 B = 11.3 MB), which no variant compresses.", "",
+           "| variant | target | size MB | seconds | linear/conv weights stored as |", "|---|---|---:|---:|---|"]
+    for r in res["rows"]:
+        w = "; ".join(f"{k} x{n}" for k, n in r["weights"].items())
+        out.append(f"| {r['variant']} | {r['target']} | {r['size_mb']:.1f} | {r['seconds']:.0f} | {w} |")
+    return "\n".join(out + [""])
+
+
 def _version(mod: str) -> str:
     try:
         return __import__(mod).__version__
@@ -439,8 +486,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary work folder")
     ap.add_argument("--out", type=Path, default=ROOT / "results", help="where bench_vision.{json,md} go")
     ap.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--coreml-only", action="store_true",
+                    help="only convert the CoreML variants and record their sizes (bench_vision_coreml.{json,md})")
     args = ap.parse_args(argv)
     args.recipes = [r for r in args.recipes.split(",") if r]
+    if args.coreml_only:
+        res = coreml_sizes(args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_vision_coreml.json").write_text(json.dumps(res, indent=1) + "\n")
+        (args.out / "bench_vision_coreml.md").write_text(coreml_markdown(res))
+        print("\n" + coreml_markdown(res))
+        return 0
     if args.prepare_only:
         prepare(args, Path(args.work))
         return 0

@@ -25,12 +25,11 @@ BENCH_RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "ben
 
 @pytest.fixture(scope="module", params=VERSIONS)
 def exported(request, tiny_checkpoint, tmp_path_factory):
-    """(ckpt, {(graph, precision): OnnxArtifact}): fp32/fp16 of the tower, and of the vision+resampler graph
-    for 4.5 (its resampler differs from 2.6's only in widths), exported once per version."""
+    """(ckpt, {(graph, precision): OnnxArtifact}): fp32/fp16 of the tower and of the vision+resampler graph,
+    exported once per version."""
     ckpt = Checkpoint.open(tiny_checkpoint(request.param))
     out = tmp_path_factory.mktemp(f"onnx-{request.param}")
-    arts = OV.export_vision_onnx(ckpt, out, "tiny", precisions=("fp32", "fp16"),
-                                 with_resampler=request.param == "4.5")
+    arts = OV.export_vision_onnx(ckpt, out, "tiny", precisions=("fp32", "fp16"), with_resampler=True)
     return ckpt, {(a.graph, a.precision): a for a in arts}
 
 
@@ -59,8 +58,6 @@ def test_onnx_tower_matches_reference_on_every_grid(exported, modules, precision
 @pytest.mark.parametrize("precision,tol", [("fp32", FP32_MIN_COS), ("fp16", FP16_MIN_COS)])
 def test_onnx_vision_resampler_graph_matches_reference(exported, modules, precision, tol):
     ckpt, arts = exported
-    if ("vision_resampler", precision) not in arts:
-        pytest.skip("the vision+resampler graph is checked on 4.5")
     grids = ((32, 32), (28, 40), (16, 70), (25, 49), (1, 1), (5, 3))
     par = OV.parity(arts[("vision_resampler", precision)].path, ckpt, grids, modules=modules)
     _print_parity(f"{ckpt.version} vision+resampler {precision} ({ckpt.resampler.query_num} rows)", par, tol)
