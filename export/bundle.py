@@ -91,9 +91,16 @@ def _rel(path: Path, root: Path) -> str:
         raise BundleError(root, f"{path} is not inside the bundle folder") from None
 
 
+def _locate(root: Path, path: str | Path) -> Path:
+    """A path as given (absolute, or relative to the working directory, as export writes them), else relative to
+    the bundle folder."""
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else root / p
+
+
 def file_entry(root: Path, spec: BundleFileSpec) -> dict[str, Any]:
     """The manifest entry of one file or folder (hashes computed here)."""
-    path = spec.path if spec.path.is_absolute() else root / spec.path
+    path = _locate(root, spec.path)
     if spec.kind not in KINDS:
         raise MiniCPMVEdgeError(f"{path}: unknown file kind {spec.kind!r} (known: {', '.join(KINDS)})")
     if not path.exists():
@@ -109,8 +116,8 @@ def file_entry(root: Path, spec: BundleFileSpec) -> dict[str, Any]:
     extra = dict(spec.extra)
     ext = extra.pop("external_data", None)
     if ext:
-        entry["external_data"] = [{"path": _rel(Path(p), root), "size": Path(p).stat().st_size,
-                                   "sha256": sha256_file(p)} for p in ext]
+        entry["external_data"] = [{"path": _rel(_locate(root, p), root), "size": _locate(root, p).stat().st_size,
+                                   "sha256": sha256_file(_locate(root, p))} for p in ext]
     entry.update(extra)
     return entry
 
@@ -123,7 +130,11 @@ def _spec_from_key(key: str, path: Path) -> BundleFileSpec:
     role, _, precision = key.partition(":")
     if role not in KEY_KINDS:
         raise MiniCPMVEdgeError(f"file key {key!r}: unknown role {role!r} (use one of {', '.join(KEY_KINDS)})")
-    return BundleFileSpec(Path(path), KEY_KINDS[role], precision or None)
+    kind, extra = KEY_KINDS[role], {}
+    data = Path(str(path) + ".data")
+    if kind in VISION_ONNX_KINDS and data.is_file():        # ONNX weights stored beside the graph
+        extra["external_data"] = [str(data)]
+    return BundleFileSpec(Path(path), kind, precision or None, extra)
 
 
 def _spec_from_artifact(obj: Any) -> BundleFileSpec:
@@ -140,7 +151,9 @@ def _spec_from_artifact(obj: Any) -> BundleFileSpec:
         if len(obj.files) > 1:
             extra["external_data"] = [str(p) for p in obj.files[1:]]
         return BundleFileSpec(obj.path, kind, precision, extra)
-    if type(obj).__name__ == "CoremlArtifact":
+    from .coreml_vision import CoremlArtifact
+
+    if isinstance(obj, CoremlArtifact):
         return BundleFileSpec(obj.path, FileKind.VISION_COREML, obj.precision,
                               {"format": "mlpackage", "graph": "vision", "quant": obj.quant, "io": obj.io,
                                "minimum_deployment_target": obj.target})
@@ -265,8 +278,7 @@ def write_manifest(bundle_dir: str | Path, ckpt, files: Any, parity: Mapping[Any
     if not ckpt.chat_template:
         raise MiniCPMVEdgeError(f"{ckpt.root / 'tokenizer_config.json'}: chat_template: missing (nor chat_template.jinja); "
                                 "a bundle must carry the template the runtime renders prompts with")
-    parity_by_rel = {_rel(Path(k) if Path(k).is_absolute() else root / k, root): v
-                     for k, v in (parity or {}).items()}
+    parity_by_rel = {_rel(_locate(root, k), root): v for k, v in (parity or {}).items()}
     entries = []
     for spec in _specs(files):
         entry = file_entry(root, spec)

@@ -10,10 +10,11 @@ values stay fp16; compute stays fp16):
 |---|---|---|---|
 | `w8` | int8 linear, symmetric, per output channel | `constexpr_affine_dequantize` (iOS17) | - |
 | `p4` | 4-bit palette (k-means, 16 fp16 values per tensor) | `constexpr_lut_to_dense`, uint4 | scikit-learn |
-| `w4` | int4 linear, symmetric, blocks of 32 input values | `constexpr_blockwise_shift_scale` | iOS18 target |
+| `w4` | int4 linear, symmetric, blocks of 16 input values | `constexpr_blockwise_shift_scale` | iOS18 target |
 
 The fp16 base is converted with the variant's target: w4 (per-block) only exists from iOS18 on
-(coremltools raises otherwise), the others keep iOS17. Accuracy cannot be measured on Linux (no CoreML
+(coremltools raises otherwise), the others keep iOS17. A weight whose input axis is not a multiple of the block
+(the patch conv: 3*14*14 = 588 inputs) stays fp16. Accuracy cannot be measured on Linux (no CoreML
 prediction); on macOS `export.coreml_vision.parity_coreml` measures it.
 """
 from __future__ import annotations
@@ -57,7 +58,9 @@ VARIANTS: dict[str, CoremlVariant] = {v.name: v for v in (
     CoremlVariant("w8", "linear", dtype="int8", granularity="per_channel",
                   stored_op="constexpr_affine_dequantize", stored_dtype="int8"),
     CoremlVariant("p4", "palettize", nbits=4, stored_op="constexpr_lut_to_dense", stored_dtype="uint4"),
-    CoremlVariant("w4", "linear", dtype="int4", granularity="per_block", block_size=32, target="iOS18",
+    # block 16, not 32: SigLIP's MLP width 4304 = 16 x 269 is not a multiple of 32, and coremltools leaves a
+    # weight whose input axis does not split into whole blocks in fp16 (block 32 kept all 27 fc2 in fp16: 437 MB)
+    CoremlVariant("w4", "linear", dtype="int4", granularity="per_block", block_size=16, target="iOS18",
                   stored_op="constexpr_blockwise_shift_scale", stored_dtype="int4"),
 )}
 

@@ -200,10 +200,17 @@ def test_verify_against_remeasures_parity(bundle, ckpt, tmp_path):
 def test_write_manifest_accepts_pipeline_keys(ckpt, tmp_path):
     (tmp_path / "m-Q4_K_M.gguf").write_bytes(b"GGUF" + bytes(60))
     (tmp_path / "r.mvr").write_bytes(b"MVERSMPL" + bytes(56))
-    B.write_manifest(tmp_path, ckpt, {"llm:Q4_K_M": tmp_path / "m-Q4_K_M.gguf", "resampler:f16": tmp_path / "r.mvr"})
+    (tmp_path / "v.onnx").write_bytes(b"graph")
+    (tmp_path / "v.onnx.data").write_bytes(b"weights")
+    B.write_manifest(tmp_path, ckpt, {"llm:Q4_K_M": tmp_path / "m-Q4_K_M.gguf", "resampler:f16": tmp_path / "r.mvr",
+                                      "vision:fp32": tmp_path / "v.onnx"})
     m = B.load_manifest(tmp_path)
-    assert [(e["kind"], e["precision"]) for e in m["files"]] == [("llm_gguf", "Q4_K_M"), ("resampler_weights", "f16")]
+    assert [(e["kind"], e["precision"]) for e in m["files"]] == [("llm_gguf", "Q4_K_M"), ("resampler_weights", "f16"),
+                                                                 ("vision_onnx", "fp32")]
+    assert m["files"][2]["external_data"][0]["path"] == "v.onnx.data"     # found beside the graph
     assert B.verify_bundle(tmp_path).ok
+    _flip(tmp_path / "v.onnx.data", 0)
+    assert [p.path for p in B.verify_bundle(tmp_path).problems] == ["v.onnx.data"]
     with pytest.raises(Exception, match="unknown role"):
         B.write_manifest(tmp_path, ckpt, {"weird:F16": tmp_path / "r.mvr"})
     with pytest.raises(Exception, match="not inside the bundle"):

@@ -215,7 +215,7 @@ def test_coreml_packages_spec(coreml):
         "fp16": ("float16", 6 * n + 1),
         "w8": ("constexpr_affine_dequantize:quantized_data=int8,scale=float16,zero_point=int8", 6 * n + 1),
         "p4": ("constexpr_lut_to_dense:indices=uint8,lut=float16[16]", 6 * n + 1),
-        # int4 blocks of 32 along the input axis: the patch conv's 3*14*14 = 588 inputs do not split, stays fp16
+        # int4 blocks of 16 along the input axis: the patch conv's 3*14*14 = 588 inputs do not split, stays fp16
         "w4": ("constexpr_blockwise_shift_scale:data=int4,scale=float16", 6 * n),
     }
     spec_version = {"iOS17": 8, "iOS18": 9}
