@@ -11,6 +11,7 @@ the synthesizer writes exactly it and the reader checks against it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -441,21 +442,27 @@ class Checkpoint:
         names = self.names(role) if role else list(expected_tensors(self.config))
         return sum(self.tensors[n].numel for n in names)
 
-    def token_id(self, token: str) -> int:
-        """Resolve a special token's id from the shipped tokenizer (never from a table)."""
-        for tid, entry in (self.tokenizer_config.get("added_tokens_decoder") or {}).items():
-            if entry.get("content") == token:
-                return int(tid)
+    @functools.cached_property
+    def _token_table(self) -> dict[str, int]:
+        """Token string -> id from tokenizer_config.json and tokenizer.json, read once."""
+        table: dict[str, int] = {}
         tok_json = self.root / TOKENIZER_JSON
         if tok_json.is_file():
             data = _read_json(tok_json)
-            for entry in data.get("added_tokens", []):
-                if entry.get("content") == token:
-                    return int(entry["id"])
             vocab = (data.get("model") or {}).get("vocab") or {}
-            if isinstance(vocab, dict) and token in vocab:
-                return int(vocab[token])
-        raise CheckpointError(self.root / TOKENIZER_CONFIG, f"token {token!r} is not in the tokenizer")
+            if isinstance(vocab, dict):
+                table.update({t: int(i) for t, i in vocab.items()})
+            table.update({e["content"]: int(e["id"]) for e in data.get("added_tokens", []) if "content" in e})
+        for tid, entry in (self.tokenizer_config.get("added_tokens_decoder") or {}).items():
+            if "content" in entry:
+                table[entry["content"]] = int(tid)
+        return table
+
+    def token_id(self, token: str) -> int:
+        """Resolve a special token's id from the shipped tokenizer (never from a table of ours)."""
+        if token not in self._token_table:
+            raise CheckpointError(self.root / TOKENIZER_CONFIG, f"token {token!r} is not in the tokenizer")
+        return self._token_table[token]
 
     def summary(self) -> dict[str, Any]:
         def gib(n: int) -> float:
