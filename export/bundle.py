@@ -170,8 +170,9 @@ def _onnx_io(graph: str) -> dict[str, Any]:
 
 
 def _specs(files: Any) -> list[BundleFileSpec]:
-    if isinstance(files, Mapping):
-        return [_spec_from_key(k, Path(v)) for k, v in files.items()]
+    if isinstance(files, Mapping):    # "role:precision" -> a path, or the exporter's artifact for it
+        return [_spec_from_key(k, Path(v)) if isinstance(v, (str, os.PathLike)) else _spec_from_artifact(v)
+                for k, v in files.items()]
     out = []
     for f in files:
         if isinstance(f, BundleFileSpec):
@@ -266,7 +267,7 @@ def write_manifest(bundle_dir: str | Path, ckpt, files: Any, parity: Mapping[Any
                    name: str | None = None) -> Path:
     """Write `<bundle_dir>/manifest.json` listing `files`, all of which must lie inside `bundle_dir`.
 
-    files: a mapping "role:precision" -> path (roles: KEY_KINDS, e.g. "llm:Q4_K_M", "mmproj:F16",
+    files: a mapping "role:precision" -> path or artifact (roles: KEY_KINDS, e.g. "llm:Q4_K_M", "mmproj:F16",
     "resampler:f16"), or an iterable of OnnxArtifact / CoremlArtifact / BundleFileSpec / dicts
     {"path", "kind", "precision", ...}. parity: path (absolute or bundle-relative) -> the dict
     `onnx_vision.parity` returns (see `measure_vision_parity`); vision files without one get `null`.

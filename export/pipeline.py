@@ -30,6 +30,9 @@ DEFAULT_LLM_TYPES = ("F16", "Q4_K_M", "Q8_0")
 @dataclass
 class ExportResult:
     files: dict[str, Path] = field(default_factory=dict)      # "llm:Q4_K_M" / "mmproj:F16" / "vision:fp32" -> path
+    # the exporters' records for vision files (OnnxArtifact / CoremlArtifact): quant recipe, fused ops, io,
+    # deployment target, which the manifest lists
+    artifacts: dict[str, object] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)           # e.g. K-quant fallbacks on tiny models
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -54,8 +57,9 @@ def _progress(desc: str, total: int, enabled: bool):
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types: list[str] | None = None,
                       mmproj_types: list[str] | None = None, vision_types: list[str] | None = None,
-                      resampler_types: list[str] | None = None, name: str | None = None,
-                      threads: int | None = None, progress: bool = False, bundle: bool = True) -> ExportResult:
+                      resampler_types: list[str] | None = None, coreml_types: list[str] | None = None,
+                      name: str | None = None, threads: int | None = None, progress: bool = False,
+                      bundle: bool = True) -> ExportResult:
     from minicpmv_edge.quantize.gguf_ladder import LADDER, _ftype, ladder_name, quantize_gguf
 
     ckpt = Checkpoint.open(checkpoint)
@@ -67,6 +71,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types:
     for t in llm_types:
         if t not in FLOAT_TYPES:
             _ftype(t)   # raises for unknown quant types before any work starts
+    if coreml_types:
+        from minicpmv_edge.quantize.coreml_compress import variant_name
+        coreml_types = [variant_name(t) for t in coreml_types]   # likewise for CoreML variants
     result = ExportResult()
 
     # Float files first; quantized ones are made from F16 (written even if not asked for, then removed).
@@ -106,19 +113,28 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types:
         result.seconds[f"mmproj:{t}"] = time.perf_counter() - t0
     vision_types = [] if vision_types is None else list(vision_types)
     float_vision = [t for t in vision_types if t in ("fp32", "fp16")]
+    int8 = [t for t in vision_types if t not in ("fp32", "fp16")]
+    float_arts = []
     if float_vision:
         from .onnx_vision import export_vision_onnx
         t0 = time.perf_counter()
-        for art in export_vision_onnx(ckpt, out_dir, name, precisions=float_vision):
-            result.files[f"vision:{art.precision}"] = art.path
+        float_arts = export_vision_onnx(ckpt, out_dir, name, precisions=float_vision)
+        for art in float_arts:
+            result.artifacts[f"vision:{art.precision}"] = art
         result.seconds["vision"] = time.perf_counter() - t0
-    int8 = [t for t in vision_types if t not in ("fp32", "fp16")]
     if int8:
         from minicpmv_edge.quantize.onnx_int8 import quantize_vision_onnx
         t0 = time.perf_counter()
-        for art in quantize_vision_onnx(ckpt, out_dir, name, recipes=int8):
-            result.files[f"vision:{art.precision}"] = art.path
+        # the fp32 graph just written is the int8 recipes' base: no second torch export of the tower
+        for art in quantize_vision_onnx(ckpt, out_dir, name, recipes=int8, reuse=float_arts):
+            result.artifacts[f"vision:{art.precision}"] = art
         result.seconds["vision_int8"] = time.perf_counter() - t0
+    if coreml_types:
+        t0 = time.perf_counter()
+        for art in _export_coreml(ckpt, out_dir, name, coreml_types):
+            result.artifacts[f"coreml:{art.precision}"] = art
+        result.seconds["coreml"] = time.perf_counter() - t0
+    result.files.update({k: a.path for k, a in result.artifacts.items()})
     for dtype in ([] if resampler_types is None else resampler_types):
         from .resampler_weights import write_resampler_weights
         result.files[f"resampler:{dtype}"] = write_resampler_weights(ckpt, out_dir / f"resampler-{name}-{dtype}.mvr",
@@ -132,8 +148,23 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types:
         t0 = time.perf_counter()
         parity = measure_vision_parity(vision_files, ckpt) if vision_files else {}
         result.seconds["parity"] = time.perf_counter() - t0
-        result.files["manifest"] = write_manifest(out_dir, ckpt, dict(result.files), parity, name=name)
+        listed = {**result.files, **result.artifacts}
+        result.files["manifest"] = write_manifest(out_dir, ckpt, listed, parity, name=name)
     return result
+
+
+def _export_coreml(ckpt: Checkpoint, out_dir: Path, name: str, types: list[str]) -> list:
+    """`vision-<name>-<variant>.mlpackage` for fp16 and the compressed variants (converted once, then
+    compressed from the fp16 base when it is asked for too)."""
+    from minicpmv_edge.quantize.coreml_compress import compress_vision_coreml, variant_name
+
+    from .coreml_vision import export_vision_coreml
+    names = list(dict.fromkeys(variant_name(t) for t in types))
+    arts = [export_vision_coreml(ckpt, out_dir, name)] if "fp16" in names else []
+    variants = [v for v in names if v != "fp16"]
+    if variants:
+        arts += compress_vision_coreml(ckpt, out_dir, name, variants=variants, base=arts[0] if arts else None)
+    return arts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vision", default="fp32,fp16",
                     help="vision ONNX precisions: fp32, fp16, int8 (or an int8 recipe name); 'none' to skip")
     ap.add_argument("--resampler", default="f32", help="resampler weight types for the native kernels: f32, f16")
+    ap.add_argument("--coreml", default="none",
+                    help="CoreML vision packages (.mlpackage, for iOS/macOS): fp16, w8 (int8), p4 (4-bit palette), "
+                         "w4 (int4, iOS18); 'none' to skip (the default: conversion takes minutes)")
     ap.add_argument("--name", help="file name stem (default: the checkpoint folder's name)")
     ap.add_argument("--threads", type=int, help="quantizer threads (default: all cores)")
     args = ap.parse_args(argv)
@@ -154,13 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     mmproj = [] if args.mmproj.lower() == "none" else parse_types(args.mmproj, MMPROJ_TYPES, "mmproj")
     vision = [] if args.vision.lower() == "none" else [t.strip().lower() for t in args.vision.split(",") if t.strip()]
     resampler = [] if args.resampler.lower() == "none" else parse_types(args.resampler, ("F32", "F16"), "resampler")
+    coreml = [] if args.coreml.lower() == "none" else [t.strip().lower() for t in args.coreml.split(",") if t.strip()]
     t0 = time.perf_counter()
     res = export_checkpoint(args.checkpoint, args.out, llm_types=llm, mmproj_types=mmproj, vision_types=vision,
-                            resampler_types=[r.lower() for r in resampler], name=args.name, threads=args.threads,
+                            resampler_types=[r.lower() for r in resampler], coreml_types=coreml, name=args.name,
+                            threads=args.threads,
                             progress=True)
     for key, path in res.files.items():
         took = f", {res.seconds[key]:.1f} s" if key in res.seconds else ""
-        print(f"  {key:<14} {path}  ({path.stat().st_size / 2**20:.1f} MiB{took})")
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+        print(f"  {key:<14} {path}  ({size / 2**20:.1f} MiB{took})")
     for note in res.notes:
         print(f"  note: {note}")
     print(f"exported {args.checkpoint} to {args.out} in {time.perf_counter() - t0:.1f} s")

@@ -23,7 +23,9 @@ ENGLISH = (
     "her long make thing see him two has look more day could go come did number sound no most people my "
     "over know water than call first who may down side been now find image picture camera phone model "
     "token vision language slice resolution edge device memory battery screen photo street night cat "
-    "doesn't can't I'm you're we've they'll she'd it's let's isn't"
+    "doesn't can't I'm you're we've they'll she'd it's let's isn't "
+    # words of every chat prompt (role names) and of typical questions about an image
+    "user assistant system describe detail colour colours color colors question answer there why where"
 ).split()
 
 CHINESE = (

@@ -32,7 +32,8 @@ from minicpmv_edge.export.coreml_vision import (CoremlArtifact, _ct, convert_cor
 
 _TARGET_ORDER = ("iOS16", "iOS17", "iOS18")
 
-__all__ = ["CoremlVariant", "VARIANTS", "compress_model", "compress_coreml", "compress_vision_coreml"]
+__all__ = ["CoremlVariant", "VARIANTS", "ALIASES", "variant_name", "compress_model", "compress_coreml",
+           "compress_vision_coreml"]
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,23 @@ VARIANTS: dict[str, CoremlVariant] = {v.name: v for v in (
 )}
 
 
+# what users call them (the mission's fp16/int8/int4)
+ALIASES = {"int8": "w8", "int4": "w4"}
+
+
+def variant_name(name: str) -> str:
+    """`fp16` or a VARIANTS key, from a name or alias; a clear error for anything else."""
+    name = ALIASES.get(name, name)
+    if name != "fp16" and name not in VARIANTS:
+        raise MiniCPMVEdgeError(f"unknown CoreML variant {name!r} (choose from fp16, {', '.join(VARIANTS)}; "
+                                f"aliases {', '.join(f'{a}={v}' for a, v in ALIASES.items())})")
+    return name
+
+
 def _variant(name: str) -> CoremlVariant:
-    if name not in VARIANTS:
-        raise MiniCPMVEdgeError(f"unknown CoreML variant {name!r} (choose from fp16, {', '.join(VARIANTS)})")
+    name = variant_name(name)
+    if name == "fp16":
+        raise MiniCPMVEdgeError("fp16 is the unconverted base package (export_vision_coreml), not a compression")
     return VARIANTS[name]
 
 

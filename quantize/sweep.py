@@ -186,8 +186,7 @@ def run_sweep(checkpoint: str | Path, out: str | Path, *, llm_types=DEFAULT_LLM,
                 cos = _embedding_cosine(ckpt, files, v, s, images[1], res_path, cache, threads) if v != "fp32" \
                     else 1.0
                 # speed: a fresh first question (vision included) and its decode rate
-                m._cache.clear()
-                m.decoder.reset()
+                m.forget()
                 t = m.chat(prompts[0], greedy=True, max_tokens=32, max_slices=s).timings
                 counts, sizes, params = describe_gguf(files.llm(q))
                 row = {"llm": q, "vision": v, "slices": s,

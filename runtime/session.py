@@ -416,5 +416,10 @@ class MiniCPMV:
             text = text.lstrip("\n")
         yield StreamEvent("", None, ChatResult(text, reasoning, tokens, finish, t))
 
+    def forget(self) -> None:
+        """Drop the encoded-image cache and the KV cache: the next call starts cold (benchmarks use this)."""
+        self._cache.clear()
+        self.decoder.reset()
+
     def close(self) -> None:
         self.decoder.close()

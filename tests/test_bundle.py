@@ -215,3 +215,33 @@ def test_write_manifest_accepts_pipeline_keys(ckpt, tmp_path):
         B.write_manifest(tmp_path, ckpt, {"weird:F16": tmp_path / "r.mvr"})
     with pytest.raises(Exception, match="not inside the bundle"):
         B.write_manifest(tmp_path / "sub", ckpt, {"llm:F16": tmp_path / "r.mvr"})
+
+
+def test_export_cli_writes_onnx_int8_and_coreml_with_their_recipes(tiny_checkpoint, tmp_path, capsys):
+    """`minicpmv-edge export --vision fp32,int8 --coreml fp16,int8,p4`: every file listed with how it was made,
+    the int8 ONNX built from the fp32 graph just written (no leftover temporary folder), and the bundle verifies."""
+    from minicpmv_edge.cli import main as cli
+
+    out = tmp_path / "b"
+    assert cli(["export", str(tiny_checkpoint("4.5")), "--out", str(out), "--name", "t", "--llm", "none",
+                "--mmproj", "none", "--vision", "fp32,int8", "--coreml", "fp16,int8,p4", "--resampler", "f16"]) == 0
+    m = B.load_manifest(out)
+    entries = {(e["kind"], e["precision"]): e for e in m["files"]}
+    assert set(entries) == {("vision_onnx", "fp32"), ("vision_onnx", "int8"), ("vision_coreml", "fp16"),
+                            ("vision_coreml", "w8"), ("vision_coreml", "p4"), ("resampler_weights", "f16")}
+    assert entries[("vision_onnx", "int8")]["quant"]["recipe"] == "dyn-pc"
+    assert entries[("vision_onnx", "int8")]["parity"]["min_cosine"] > 0.99
+    assert entries[("vision_coreml", "w8")]["quant"]["dtype"] == "int8"
+    assert entries[("vision_coreml", "p4")]["quant"]["nbits"] == 4
+    assert all(e["minimum_deployment_target"] == "iOS17" for k, e in entries.items() if k[0] == "vision_coreml")
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json", "resampler-t-f16.mvr", "vision-t-fp32.onnx", "vision-t-int8.onnx",
+         "vision-t-fp16.mlpackage", "vision-t-w8.mlpackage", "vision-t-p4.mlpackage"])
+    assert B.verify_bundle(out).ok
+    assert "vision-t-p4.mlpackage" in capsys.readouterr().out
+
+    # an unknown variant is refused before anything is written
+    assert cli(["export", str(tiny_checkpoint("4.5")), "--out", str(tmp_path / "c"), "--llm", "Q4_K_M",
+                "--coreml", "fp16,int2"]) != 0
+    assert "unknown CoreML variant 'int2'" in capsys.readouterr().err
+    assert not list((tmp_path / "c").glob("*"))
