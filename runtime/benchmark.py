@@ -88,96 +88,123 @@ def _bench_image(path: Path | None) -> Any:
     return img
 
 
-def bench_ours(model, image, reps: int, n_decode: int, max_slices: int | None) -> dict[str, Any]:
-    """Our path: a cold first question, then the cached rows. Besides the timings, `reuse` records for each
-    row how many prompt positions were computed and how many images came from the image cache, so the
-    report shows what each row actually reused."""
-    stages = {k: Series() for k in ("preprocess", "vision", "resampler", "prefill", "ttft", "decode_tok_s",
-                                    "repeat_ttft", "cached_ttft", "cached_cold_kv_ttft", "followup_ttft",
-                                    "slices")}
-    reuse: dict[str, dict[str, int]] = {}
-    msgs = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}]
-    other = [{"role": "user", "content": [{"type": "image", "image": image},
-                                          {"type": "text", "text": "What colours are there?"}]}]
+class OursBench:
+    """Our path. `warm_up()` once (vision included), then `rep()` per repetition: a cold first question, then
+    the cached rows. Besides timings, `reuse` records per row how many prompt positions were computed and how
+    many images came from the image cache, so the report shows what each row actually reused."""
 
-    def ask(row: str, messages):
-        r = model.chat(messages, greedy=True, max_tokens=n_decode, max_slices=max_slices)
-        t = r.timings
-        reuse[row] = {"prompt_tokens": t.prompt_tokens, "prefilled_tokens": t.prefilled_tokens,
-                      "vision_slices": t.slices, "image_cache_hits": t.image_cache_hits}
-        stages[row].add(t.first_token)
+    ROWS = ("preprocess", "vision", "resampler", "prefill", "ttft", "decode_tok_s", "repeat_ttft", "cached_ttft",
+            "cached_cold_kv_ttft", "followup_ttft", "slices")
+
+    def __init__(self, model, image, n_decode: int, max_slices: int | None):
+        self.model, self.n_decode, self.max_slices = model, n_decode, max_slices
+        self.stages = {k: Series() for k in self.ROWS}
+        self.reuse: dict[str, dict[str, int]] = {}
+        self.msgs = [{"role": "user", "content": [{"type": "image", "image": image},
+                                                  {"type": "text", "text": QUESTION}]}]
+        self.other = [{"role": "user", "content": [{"type": "image", "image": image},
+                                                   {"type": "text", "text": "What colours are there?"}]}]
+
+    def _ask(self, row: str | None, messages):
+        r = self.model.chat(messages, greedy=True, max_tokens=self.n_decode, max_slices=self.max_slices)
+        if row is not None:
+            t = r.timings
+            self.reuse[row] = {"prompt_tokens": t.prompt_tokens, "prefilled_tokens": t.prefilled_tokens,
+                               "vision_slices": t.slices, "image_cache_hits": t.image_cache_hits}
+            self.stages[row].add(t.first_token)
         return r
 
-    model.forget()
-    model.chat(msgs, greedy=True, max_tokens=n_decode, max_slices=max_slices)     # warm-up, vision included
-    for _ in range(reps):
-        model.forget()                # a first-time image: vision runs, nothing of the prompt is in the KV cache
-        first = ask("ttft", msgs)
+    def warm_up(self) -> None:
+        self.model.forget()
+        self._ask(None, self.msgs)
+
+    def rep(self) -> None:
+        m = self.model
+        m.forget()                    # a first-time image: vision runs, nothing of the prompt is in the KV cache
+        first = self._ask("ttft", self.msgs)
         t = first.timings
         for k in ("preprocess", "vision", "resampler", "prefill"):
-            stages[k].add(getattr(t, k))
-        stages["decode_tok_s"].add(t.decode_tok_s)
-        stages["slices"].add(t.slices)
+            self.stages[k].add(getattr(t, k))
+        self.stages["decode_tok_s"].add(t.decode_tok_s)
+        self.stages["slices"].add(t.slices)
         # the same image and question again (regenerate, a second sample): all of the prompt is in the KV
         # cache but its last position, recomputed for its logits
-        ask("repeat_ttft", msgs)
+        self._ask("repeat_ttft", self.msgs)
         # the same image, another question: the image cache skips vision and the KV cache holds everything
         # up to the question
-        ask("cached_ttft", other)
+        self._ask("cached_ttft", self.other)
         # the same image after the context was used for something else: image cache only
-        model.decoder.reset()
-        ask("cached_cold_kv_ttft", msgs)
+        m.decoder.reset()
+        self._ask("cached_cold_kv_ttft", self.msgs)
         # a follow-up in the same conversation (on random weights the answer may not re-tokenize to the same
         # ids, so its tokens can be prefilled again)
-        ask("followup_ttft", msgs + [{"role": "assistant", "content": first.text},
-                                     {"role": "user", "content": "Why?"}])
-    out: dict[str, Any] = {k: v.as_dict() for k, v in stages.items()}
-    out["reuse"] = reuse
-    return out
+        self._ask("followup_ttft", self.msgs + [{"role": "assistant", "content": first.text},
+                                                {"role": "user", "content": "Why?"}])
+
+    def result(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: v.as_dict() for k, v in self.stages.items()}
+        out["reuse"] = self.reuse
+        return out
 
 
-def bench_llama_cpp(llm_gguf: Path, mmproj: Path, image, reps: int, n_decode: int, threads: int,
-                    n_ctx: int) -> dict[str, Any]:
-    """llama.cpp's own path: mtmd preprocesses, encodes with clip and evaluates; timed from the call."""
-    import tempfile
-    import llama_cpp
-    from llama_cpp.llama_chat_format import MTMDChatHandler
-    from PIL import Image
+class LlamaCppBench:
+    """llama.cpp's own path: mtmd preprocesses, encodes with clip and evaluates; timed from the call. Decode
+    tok/s counts the positions llama.cpp evaluated after the first token (not text chunks, which merge
+    tokens that end inside a UTF-8 character)."""
 
-    from . import llamacpp_log
-    llamacpp_log.install()
-    if not isinstance(image, str):
-        tmp = Path(tempfile.mkdtemp()) / "bench.png"
-        image.save(tmp)
-        image = str(tmp)
-    url = Path(image).resolve().as_uri()
-    handler = MTMDChatHandler(clip_model_path=str(mmproj), verbose=False)
-    llm = llama_cpp.Llama(str(llm_gguf), chat_handler=handler, n_ctx=n_ctx, n_threads=threads,
-                          n_threads_batch=threads, verbose=False, seed=0)
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                             {"type": "text", "text": QUESTION}]}]
-    ttft, tok_s = Series(), Series()
+    def __init__(self, llm_gguf: Path, mmproj: Path, image, n_decode: int, threads: int, n_ctx: int):
+        import tempfile
 
-    def once():
+        import llama_cpp
+        from llama_cpp.llama_chat_format import MTMDChatHandler
+
+        from . import llamacpp_log
+        llamacpp_log.install()
+        self._tmp = None
+        if not isinstance(image, str):
+            self._tmp = tempfile.TemporaryDirectory()
+            path = Path(self._tmp.name) / "bench.png"
+            image.save(path)
+            image = str(path)
+        url = Path(image).resolve().as_uri()
+        handler = MTMDChatHandler(clip_model_path=str(mmproj), verbose=False)
+        self.llm = llama_cpp.Llama(str(llm_gguf), chat_handler=handler, n_ctx=n_ctx, n_threads=threads,
+                                   n_threads_batch=threads, verbose=False, seed=0)
+        self.messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": QUESTION}]}]
+        self.n_decode = n_decode
+        self.ttft, self.tok_s = Series(), Series()
+
+    def _once(self) -> tuple[float, float]:
+        llm = self.llm
         llm.reset()
         t0 = time.perf_counter()
-        first, n = None, 0
-        for chunk in llm.create_chat_completion(messages, temperature=0.0, max_tokens=n_decode, stream=True):
-            delta = chunk["choices"][0]["delta"]
-            if delta.get("content"):
-                n += 1
-                if first is None:
-                    first = time.perf_counter()
+        first = None
+        n_at_first = 0
+        for chunk in llm.create_chat_completion(self.messages, temperature=0.0, max_tokens=self.n_decode,
+                                                stream=True):
+            if first is None and chunk["choices"][0]["delta"].get("content") is not None:
+                first, n_at_first = time.perf_counter(), llm.n_tokens
         end = time.perf_counter()
         first = first or end
-        return first - t0, (n - 1) / (end - first) if n > 1 and end > first else 0.0
-    once()                            # warm-up
-    for _ in range(reps):
-        a, b = once()
-        ttft.add(a)
-        tok_s.add(b)
-    Image.open(image).close()
-    return {"ttft": ttft.as_dict(), "decode_tok_s": tok_s.as_dict()}
+        steps = llm.n_tokens - n_at_first
+        return first - t0, steps / (end - first) if steps > 0 and end > first else 0.0
+
+    def warm_up(self) -> None:
+        self._once()
+
+    def rep(self) -> None:
+        a, b = self._once()
+        self.ttft.add(a)
+        self.tok_s.add(b)
+
+    def result(self) -> dict[str, Any]:
+        return {"ttft": self.ttft.as_dict(), "decode_tok_s": self.tok_s.as_dict()}
+
+    def close(self) -> None:
+        self.llm.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -215,6 +242,9 @@ def markdown_table(report: dict[str, Any]) -> str:
 def run_bench(bundle: Path, *, image: Path | None = None, reps: int = 3, n_decode: int = 128,
               max_slices: int | None = None, threads: int = 2, llm: str | None = None, vision: str | None = None,
               baseline: bool = True, n_ctx: int = 4096) -> dict[str, Any]:
+    """Both paths are loaded and warmed up, then their repetitions alternate (ours, llama.cpp, ours, ...): on a
+    shared or thermally throttled machine the speed drifts over minutes, and alternating keeps the drift out
+    of the ratios."""
     from .bundle import Bundle, FileKind, load
     b = Bundle.open(bundle)
     model = load(b, llm=llm, vision=vision, threads=threads, n_ctx=n_ctx)
@@ -223,20 +253,30 @@ def run_bench(bundle: Path, *, image: Path | None = None, reps: int = 3, n_decod
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(), "cpu": cpu_name(),
         "threads": threads, "bundle": str(bundle), "llm": model.files["llm"].name,
         "vision": model.files["vision"].name, "resampler": type(model.resampler).__name__,
-        "n_decode": n_decode, "reps": reps,
+        "n_decode": n_decode, "reps": reps, "order": "interleaved",
     }
-    report["ours"] = bench_ours(model, img, reps, n_decode, max_slices)
-    report["ours_peak_rss_mb"] = peak_rss_mb()
     llm_path = model.files["llm"]
+    ours = OursBench(model, img, n_decode, max_slices)
+    ours.warm_up()
+    report["ours_peak_rss_mb"] = peak_rss_mb()        # before llama.cpp's copy is loaded
+    base = None
+    mm = [f for f in b.files if f.kind == FileKind.MMPROJ_GGUF]
+    if baseline and mm:
+        base = LlamaCppBench(llm_path, mm[0].path, img, n_decode, threads, n_ctx)
+        base.warm_up()
+    for _ in range(reps):
+        ours.rep()
+        if base:
+            base.rep()
+    report["ours"] = ours.result()
+    if base:
+        report["llama_cpp"] = base.result()
+        report["peak_rss_mb_after_both"] = peak_rss_mb()
+        base.close()
     model.close()
     bw = memory_bandwidth_gbs(threads=threads)
     per_tok = gguf_bytes_per_token(llm_path)
     report["decode_bound"] = {"bandwidth_gbs": bw, "bytes_per_token": per_tok, "tok_s": bw * 1e9 / per_tok}
-    if baseline:
-        mm = [f for f in b.files if f.kind == FileKind.MMPROJ_GGUF]
-        if mm:
-            report["llama_cpp"] = bench_llama_cpp(llm_path, mm[0].path, img, reps, n_decode, threads, n_ctx)
-            report["peak_rss_mb_after_both"] = peak_rss_mb()
     return report
 
 
