@@ -4,7 +4,8 @@
 
 For every cell: file sizes, bits per weight, mean KLD and top-1 agreement against the F16 LLM + fp32 vision
 baseline over a fixed set of image+text prompts (teacher-forced along the baseline's greedy answer), the
-vision embedding cosine against fp32, TTFT and decode tok/s. Also the llama.cpp column: mmproj F16/Q8_0
+vision embedding cosine against fp32, TTFT (on a 448×448 image, one slice, and on a 1000×700 one, sliced up to
+the cell's limit) and decode tok/s. Also the llama.cpp column: mmproj F16/Q8_0
 embedding cosine against our fp32 path at 448×448. Output: sweep.csv, sweep.json, sweep.png.
 
 Resumable: finished cells are read back from sweep.json and not recomputed; exported files are reused.
@@ -185,15 +186,19 @@ def run_sweep(checkpoint: str | Path, out: str | Path, *, llm_types=DEFAULT_LLM,
                 # embedding cosine of this vision precision vs fp32 on the first image's slices (cached)
                 cos = _embedding_cosine(ckpt, files, v, s, images[1], res_path, cache, threads) if v != "fp32" \
                     else 1.0
-                # speed: a fresh first question (vision included) and its decode rate
+                # speed: a fresh first question (vision included) and its decode rate, on the 448x448 image
+                # (one slice at every setting) and on the 1000x700 one (as many slices as the cell allows)
                 m.forget()
                 t = m.chat(prompts[0], greedy=True, max_tokens=32, max_slices=s).timings
+                m.forget()
+                t_sliced = m.chat(prompts[1], greedy=True, max_tokens=8, max_slices=s).timings
                 counts, sizes, params = describe_gguf(files.llm(q))
                 row = {"llm": q, "vision": v, "slices": s,
                        "llm_bytes": files.llm(q).stat().st_size, "vision_bytes": files.vision(v).stat().st_size,
                        "bits_per_weight": 8 * sum(sizes.values()) / params,
                        "kld_mean": float(np.mean(klds)), "top1": float(np.mean(top1)),
                        "embedding_cosine": cos, "ttft_s": t.first_token, "decode_tok_s": t.decode_tok_s,
+                       "ttft_sliced_s": t_sliced.first_token, "sliced_image_slices": t_sliced.slices,
                        "seconds": time.perf_counter() - t0}
                 m.close()
                 state["rows"].append(row)
@@ -258,7 +263,8 @@ def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     if not rows:
         return
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        # rows from older runs may lack newer columns: the header is every key seen, in first-seen order
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
         w.writeheader()
         w.writerows(rows)
 
@@ -288,6 +294,12 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _sliced(row: dict[str, Any]) -> str:
+    if "ttft_sliced_s" not in row:     # a row from a sweep.json written before this column existed
+        return "–"
+    return f"{row['ttft_sliced_s'] * 1000:.0f} ({row['sliced_image_slices']})"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="minicpmv-edge sweep", description=__doc__.strip().splitlines()[0])
     ap.add_argument("checkpoint", type=Path)
@@ -304,11 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_sweep(args.checkpoint, args.out, llm_types=[t.strip().upper() for t in args.llm.split(",") if t],
                      vision_types=[t.strip().lower() for t in args.vision.split(",") if t], slices=slices,
                      threads=args.threads)
-    print("| LLM | vision | slices | size MiB | bpw | KLD (synthetic) | top-1 | emb cos | TTFT ms | tok/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| LLM | vision | slices | size MiB | bpw | KLD (synthetic) | top-1 | emb cos | TTFT ms 448×448 | "
+          "TTFT ms 1000×700 (slices) | tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["slices"], r["vision"], r["llm_bytes"])):
         print(f"| {r['llm']} | {r['vision']} | {r['slices']} | {(r['llm_bytes'] + r['vision_bytes']) / 2**20:.1f} | "
               f"{r['bits_per_weight']:.2f} | {r['kld_mean']:.4f} | {r['top1']:.2f} | {r['embedding_cosine']:.4f} | "
-              f"{r['ttft_s'] * 1000:.0f} | {r['decode_tok_s']:.1f} |")
+              f"{r['ttft_s'] * 1000:.0f} | {_sliced(r)} | {r['decode_tok_s']:.1f} |")
     print(f"wrote {args.out / 'sweep.csv'}, {args.out / 'sweep.json'}, {args.out / 'sweep.png'}")
     return 0

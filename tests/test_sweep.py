@@ -20,6 +20,8 @@ def test_sweep_runs_and_resumes(tiny_checkpoint, tmp_path):
     assert by[("Q4_K_M", "fp32", 1)]["kld_mean"] > by[("Q8_0", "fp32", 1)]["kld_mean"]
     assert by[("Q4_K_M", "fp32", 1)]["llm_bytes"] < by[("Q8_0", "fp32", 1)]["llm_bytes"]
     assert 0.999 < by[("F16", "fp16", 4)]["embedding_cosine"] <= 1.0
+    # the sliced TTFT image really slices more when more slices are allowed
+    assert by[("F16", "fp32", 1)]["sliced_image_slices"] == 1 < by[("F16", "fp32", 4)]["sliced_image_slices"]
     llama_col = json.loads((out / "sweep.json").read_text())["llama_cpp"]
     assert [c["mmproj"] for c in llama_col] == ["F16", "Q8_0"] and min(c["embedding_cosine"] for c in llama_col) > 0.99
     # resumable: finished cells are read back, not recomputed; a new cell is added
