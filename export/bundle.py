@@ -37,7 +37,7 @@ from typing import Any, Iterable, Mapping
 from minicpmv_edge import __version__
 from minicpmv_edge.errors import MiniCPMVEdgeError
 from minicpmv_edge.facts import MODEL_FACTS
-from minicpmv_edge.runtime.bundle import MANIFEST, SCHEMA_VERSION, BundleError, FileKind
+from minicpmv_edge.runtime.bundle import MANIFEST, SCHEMA_VERSION, BundleError, FileKind, read_manifest
 
 __all__ = ["BundleFileSpec", "KINDS", "KEY_KINDS", "write_manifest", "manifest_dict", "verify_bundle",
            "VerifyReport", "measure_vision_parity", "file_entry", "sha256_file", "main"]
@@ -337,21 +337,7 @@ def _check_file_record(rec: Any, path: Path, where: str) -> None:
 
 def load_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     """Read and schema-check manifest.json; raises BundleError naming the field."""
-    root = Path(bundle_dir)
-    path = root / MANIFEST
-    if not root.is_dir():
-        raise BundleError(root, "not a directory (expected a bundle folder written by `minicpmv-edge export`)")
-    if not path.is_file():
-        raise BundleError(root, f"no {MANIFEST} (is this an exported bundle?)")
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(path, f"not valid JSON ({exc})") from None
-    if not isinstance(m, dict):
-        raise BundleError(path, "top level must be a JSON object")
-    if m.get("schema_version") != SCHEMA_VERSION:
-        raise BundleError(path, f"schema {m.get('schema_version')!r} is not {SCHEMA_VERSION}, the one this version "
-                          f"reads", "schema_version")
+    path, m = read_manifest(Path(bundle_dir))
     model = _need(m, "model", dict, path, "")
     version = _need(model, "version", str, path, "model.")
     if version not in MODEL_FACTS:

@@ -39,6 +39,29 @@ class BundleError(MiniCPMVEdgeError):
         super().__init__(f"{path}" + (f": {field}" if field else "") + f": {message}")
 
 
+def read_manifest(root: Path) -> tuple[Path, dict[str, Any]]:
+    """`<root>/manifest.json` parsed, with the checks every reader needs first: a folder, the file, a JSON
+    object, the schema version this code reads. Returns (manifest path, manifest). The field-by-field check
+    is `export.bundle.load_manifest` (verify); the runtime checks only what it uses."""
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(root, f"not a directory (expected a bundle folder with {MANIFEST}, written by "
+                                "`minicpmv-edge export`)")
+    if not path.is_file():
+        raise BundleError(root, f"no {MANIFEST} (is this an exported bundle? `minicpmv-edge export` makes one)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(path, f"not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(path, "top level must be a JSON object")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BundleError(path, f"schema {version!r} is not the one this code reads ({SCHEMA_VERSION})",
+                          "schema_version")
+    return path, manifest
+
+
 @dataclass(frozen=True)
 class BundleFile:
     path: Path            # absolute
@@ -58,19 +81,7 @@ class Bundle:
     @classmethod
     def open(cls, root: str | Path) -> "Bundle":
         root = Path(root)
-        path = root / MANIFEST
-        if not path.is_file():
-            raise BundleError(root, f"no {MANIFEST} (is this an exported bundle? `minicpmv-edge export` makes one)")
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BundleError(path, f"not valid JSON ({exc})") from None
-        if not isinstance(manifest, dict):
-            raise BundleError(path, "top level must be a JSON object")
-        version = manifest.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise BundleError(path, f"schema {version!r} is not the one this runtime reads ({SCHEMA_VERSION})",
-                              "schema_version")
+        path, manifest = read_manifest(root)
         for key in ("model", "preprocess", "prompt", "files"):
             if key not in manifest:
                 raise BundleError(path, "missing", key)
