@@ -155,11 +155,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types:
 
 def _export_coreml(ckpt: Checkpoint, out_dir: Path, name: str, types: list[str]) -> list:
     """`vision-<name>-<variant>.mlpackage` for fp16 and the compressed variants (converted once, then
-    compressed from the fp16 base when it is asked for too)."""
-    from minicpmv_edge.quantize.coreml_compress import compress_vision_coreml, variant_name
+    compressed from the fp16 base when it is asked for too). `types` are already `variant_name`s."""
+    from minicpmv_edge.quantize.coreml_compress import compress_vision_coreml
 
     from .coreml_vision import export_vision_coreml
-    names = list(dict.fromkeys(variant_name(t) for t in types))
+    names = list(dict.fromkeys(types))
     arts = [export_vision_coreml(ckpt, out_dir, name)] if "fp16" in names else []
     variants = [v for v in names if v != "fp16"]
     if variants:
