@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("demo-out"), help="working folder (default ./demo-out)")
     ap.add_argument("--max-tokens", type=int, default=16)
     args = ap.parse_args(argv)
+    args.out = args.out.resolve()   # file URIs (llama.cpp's image path) need an absolute path
 
     from minicpmv_edge.export.checkpoint import Checkpoint
     from minicpmv_edge.export.pipeline import export_checkpoint
