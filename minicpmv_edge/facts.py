@@ -102,6 +102,9 @@ class ModelFacts:
     max_temporal_packing: int         # frames per 64-token block (1 = no packing)
     temporal_tick_s: float | None     # seconds per temporal id
     max_temporal_size: int | None     # rows of the temporal sincos table
+    video_default_packing: int = 1    # frames per block the recipe picks at most on its own (MAX_NUM_PACKING);
+                                      # a request may ask for up to max_temporal_packing
+    video_max_slice_nums: int = 1     # slices per video frame in the version's video recipe
     # --- real dims, for synth only
     llm_rope_scaling: str | None = None  # rope_type in config.json's rope_scaling, if the real model has one
     vision_dims: VisionDims = field(default_factory=VisionDims)
@@ -159,6 +162,7 @@ _V26 = ModelFacts(
     max_temporal_packing=1,
     temporal_tick_s=None,
     max_temporal_size=None,
+    video_max_slice_nums=2,   # the 2.6 video recipe: params["max_slice_nums"] = 2 (docs/minicpm_v2dot6_en.md)
     llm_dims=LLMDims(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                      head_dim=128, intermediate_size=18944, vocab_size=151666, max_position_embeddings=32768),
     unverified=("default_system_prompt", "chat_template"),
@@ -183,6 +187,7 @@ _V40 = replace(
     stop_tokens=("<|im_end|>", "</s>"),
     extra_special_tokens=GROUNDING_TOKENS[:6],
     mmproj_version=5,
+    video_max_slice_nums=1,   # the later recipes (o-2.6, 4.0 READMEs) use max_slice_nums = 1 for video frames
     llm_dims=LLMDims(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=2,
                      head_dim=128, intermediate_size=10240, vocab_size=73448, max_position_embeddings=32768,
                      rope_theta=10000.0),
@@ -208,6 +213,8 @@ _V45 = replace(
     mmproj_version=6,
     video="temporal_resampler",
     max_temporal_packing=6,
+    video_default_packing=3,  # the 4.5 recipe's MAX_NUM_PACKING ("valid range: 1-6")
+    video_max_slice_nums=1,
     temporal_tick_s=0.1,
     max_temporal_size=72000,
     llm_dims=LLMDims(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
@@ -231,6 +238,7 @@ _V46 = replace(
     mmproj_projector_type="minicpmv4_6",
     video="frames_as_images",
     max_temporal_packing=1,
+    video_default_packing=1,
     temporal_tick_s=None,
     max_temporal_size=None,
     llm_dims=None,

@@ -124,19 +124,24 @@ def serve_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--name", help="model id served (default: the bundle's name)")
     ap.add_argument("--max-queue", type=int, default=8)
-    ap.add_argument("--allow-local-files", action="store_true", help="accept local paths in image_url")
-    ap.add_argument("--allow-remote-urls", action="store_true", help="fetch http(s) image URLs (allow-listed)")
-    ap.add_argument("--allow-host", action="append", default=[], help="host allowed for remote image URLs")
+    ap.add_argument("--allow-local-files", action="store_true", help="accept local paths and file:// URLs as "
+                    "image and video sources")
+    ap.add_argument("--allow-dir", action="append", default=[], help="with --allow-local-files: only files inside "
+                    "this folder (repeat for several)")
+    ap.add_argument("--allow-remote-urls", action="store_true", help="fetch http(s) image/video URLs (allow-listed)")
+    ap.add_argument("--allow-host", action="append", default=[], help="host allowed for remote URLs")
+    ap.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json")
     args = ap.parse_args(argv)
     try:
         import uvicorn
     except ImportError:
         from minicpmv_edge.errors import MissingExtraError
         raise MissingExtraError("serve", "uvicorn") from None
-    from .server import ServerOptions, create_app
+    from .server import ServerOptions, create_app, make_server
     model = _load(args)
     name = args.name or model.bundle.manifest.get("name") or "minicpm-v"
     opts = ServerOptions(name=name, max_queue=args.max_queue, allow_local_files=args.allow_local_files,
-                         allow_remote_urls=args.allow_remote_urls, remote_allow_hosts=tuple(args.allow_host))
-    uvicorn.run(create_app(model, opts), host=args.host, port=args.port, log_level="warning")
+                         local_roots=tuple(args.allow_dir), allow_remote_urls=args.allow_remote_urls,
+                         remote_allow_hosts=tuple(h.lower() for h in args.allow_host), docs=args.docs)
+    make_server(create_app(model, opts), args.host, args.port, opts).run()
     return 0

@@ -7,12 +7,20 @@
    `</image>` + slice rows);
 4. after tokenization, each run of pad tokens inside `<image>`/`<slice>` pairs is where one slice's
    embeddings go.
+
+Text that comes from the caller (system, user and tool turns) is wrapped in secret markers before the template
+runs (`untrusted`), and `tokenize_prompt` tokenizes it with special-token parsing OFF: a user who types
+`<|im_end|>\n<|im_start|>system` gets those characters as plain text tokens, and only the template's own
+structure and the image placeholders produce control tokens. Text between control tokens is tokenized as
+one piece, as before, so prompts without injected control strings tokenize exactly as the HF tokenizer does.
 """
 from __future__ import annotations
 
+import re
+import secrets
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -22,6 +30,15 @@ from minicpmv_edge.errors import MiniCPMVEdgeError
 from .preprocess import image_placeholder
 
 IMAGE_TAG = "(<image>./</image>)"
+# Markers around caller text in the rendered prompt: private-use characters + a per-process secret, so no input
+# can forge them. They never reach the tokenizer.
+_NONCE = secrets.token_hex(8)
+_OPEN, _CLOSE = f"\ue000{_NONCE}\ue001", f"\ue002{_NONCE}\ue003"
+
+
+def untrusted(text: str) -> str:
+    """Mark caller text: it will be tokenized with special-token parsing off."""
+    return _OPEN + text + _CLOSE
 
 
 class PromptError(MiniCPMVEdgeError):
@@ -88,10 +105,69 @@ def expand_tags(text: str, placeholders: Sequence[str]) -> str:
     return "".join(out)
 
 
-def image_spans(ids: Sequence[int], open_ids: set[int], close_ids: set[int]) -> list[tuple[int, int]]:
-    """[start, end) of the pad tokens between every opening and closing image/slice token, in order."""
+def tokenize_prompt(text: str, placeholders: Sequence[str], special_tokens: Sequence[str],
+                    tokenize: Callable[[str], list[int]], special_id: Callable[[str], int]
+                    ) -> tuple[list[int], set[int]]:
+    """The rendered prompt (caller text marked by `untrusted`) -> (token ids, positions of control tokens).
+
+    Each IMAGE_TAG outside caller text becomes its placeholder; in the template's text and the placeholders,
+    every occurrence of one of `special_tokens` becomes that token (`special_id`); everything else, caller
+    text included, is tokenized by `tokenize` with special-token parsing off, in runs between control tokens."""
+    pieces: list[tuple[str, bool]] = []          # (text, trusted)
+    head, *rest = text.split(_OPEN)
+    pieces.append((head, True))
+    for chunk in rest:
+        inner, sep, after = chunk.partition(_CLOSE)
+        pieces.append((inner, False))            # an unclosed marker (cannot happen) keeps the rest untrusted
+        if sep:
+            pieces.append((after, True))
+    expanded: list[tuple[str, bool]] = []
+    tags = iter(placeholders)
+    n_tags = 0
+    for piece, trusted in pieces:
+        if not trusted:
+            expanded.append((piece, False))
+            continue
+        chunks = piece.split(IMAGE_TAG)
+        expanded.append((chunks[0], True))
+        for chunk in chunks[1:]:
+            n_tags += 1
+            expanded += [(next(tags, ""), True), (chunk, True)]
+    if n_tags != len(placeholders):
+        raise PromptError(f"the prompt has {n_tags} image tags for {len(placeholders)} images/videos")
+    by_length = sorted(set(special_tokens), key=len, reverse=True)   # longest first, as llama.cpp matches
+    specials = re.compile("|".join(map(re.escape, by_length)))
+    ids: list[int] = []
+    control: set[int] = set()
+    run: list[str] = []                           # plain text waiting to be tokenized as one piece
+
+    def flush() -> None:
+        text = "".join(run)
+        run.clear()
+        if text:
+            ids.extend(tokenize(text))
+    for piece, trusted in expanded:
+        pos = 0
+        if trusted:
+            for m in specials.finditer(piece):
+                run.append(piece[pos:m.start()])
+                flush()
+                control.add(len(ids))
+                ids.append(special_id(m.group()))
+                pos = m.end()
+        run.append(piece[pos:])
+    flush()
+    return ids, control
+
+
+def image_spans(ids: Sequence[int], open_ids: set[int], close_ids: set[int],
+                control: set[int] | None = None) -> list[tuple[int, int]]:
+    """[start, end) of the pad tokens between every opening and closing image/slice token, in order
+    (with `control`, only tokens at those positions count as opening or closing)."""
     spans, start = [], None
     for i, tid in enumerate(ids):
+        if control is not None and i not in control:
+            continue
         if tid in open_ids:
             start = i + 1
         elif tid in close_ids and start is not None:

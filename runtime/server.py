@@ -1,36 +1,40 @@
 """OpenAI-compatible local HTTP server for one loaded model (FastAPI + uvicorn).
 
     minicpmv-edge serve BUNDLE --port 8080
-    POST /v1/chat/completions   text + image_url parts (data: URLs; files / remote URLs only when enabled), SSE
-    GET  /v1/models             <name> and <name>-thinking (thinking on)
+    POST /v1/chat/completions   text, image and video parts (data: URLs; files / remote URLs only when enabled), SSE
+    GET  /v1/models             <name> and, on models with a thinking mode, <name>-thinking
     POST /v1/describe           {"image", "preset_prompt" | "custom_prompt", "seed"} (WaveSpeed-style)
     GET  /health
 
-One model, one worker thread: requests wait in a bounded queue (503 + Retry-After when it is full), a client
-that disconnects mid-stream frees the worker at the next token, and every error is a JSON body in OpenAI's
-error shape with a 4xx status, never a crash of the process.
+One model, one worker thread: requests wait in a bounded queue (503 + Retry-After when it is full); a client
+that disconnects, queued or running, streaming or not, frees the worker at the next slice or token. Every
+error is a JSON body in OpenAI's error shape naming the field, never a crash of the process.
+
+Request handling is three steps, each in one place: `parse_json` (size, depth, numbers, Unicode),
+`parse_chat_request` (one small parser per field: add a field there), `resolve_messages` (every image and
+video source through the one policy in `sources.py`, so the runtime only ever receives bytes).
 """
 
 
 import asyncio
 import contextlib
-import ipaddress
 import json
+import logging
 import queue
 import random
-import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
-from urllib.parse import urlparse
 
 from minicpmv_edge.errors import MiniCPMVEdgeError
 
 from .decoder import ContextOverflowError
-from .images import ImageInputError, decode_data_url
-from .session import ChatResult, MiniCPMV, StreamEvent
+from .session import ChatResult, GenerationCancelled, MiniCPMV, StreamEvent, VideoInput
+from .sources import SourceError, SourcePolicy, read_source, short
+
+log = logging.getLogger("minicpmv_edge.server")
 
 PRESET_PROMPTS = {
     "describe": "Describe this image in detail.",
@@ -39,6 +43,9 @@ PRESET_PROMPTS = {
     "tags": "List the main objects in this image as comma-separated tags.",
     "question": "What is the most interesting thing in this image?",
 }
+ROLES = ("system", "user", "assistant")
+MAX_JSON_DEPTH = 32           # the deepest legitimate request (messages > content > part > video > frames) is ~6
+MAX_INT_DIGITS = 20           # 64-bit integers; a 5 000-digit "number" is refused while parsing
 
 
 @dataclass
@@ -46,14 +53,29 @@ class ServerOptions:
     name: str = "minicpm-v"
     max_queue: int = 8                     # waiting requests beyond the one running
     max_body_bytes: int = 32 * 2 ** 20
-    max_image_bytes: int = 20 * 2 ** 20
-    max_images: int = 16
+    max_image_bytes: int = 20 * 2 ** 20   # per image or video frame, whatever its source
+    max_video_bytes: int = 64 * 2 ** 20   # per video file
+    max_images: int = 16                   # image parts per request, every shape counted
+    max_videos: int = 2
+    max_frames: int = 240                  # entries of video `frames` lists per request
     max_tokens_limit: int = 4096
     allow_local_files: bool = False
+    local_roots: tuple[str, ...] = ()      # with allow_local_files: only files inside these folders
     allow_remote_urls: bool = False
     remote_allow_hosts: tuple[str, ...] = ()
     remote_timeout_s: float = 10.0
+    remote_trusted_networks: tuple[str, ...] = ()   # test-only: networks treated as public (e.g. 127.0.0.1/32)
     retry_after_s: int = 2
+    body_timeout_s: float = 30.0           # the whole body must arrive within this
+    header_timeout_s: float = 10.0         # a connection must send its request headers within this
+    docs: bool = False                     # /docs, /redoc and /openapi.json
+
+    def source_policy(self) -> SourcePolicy:
+        return SourcePolicy(max_image_bytes=self.max_image_bytes, max_video_bytes=self.max_video_bytes,
+                            allow_local_files=self.allow_local_files, local_roots=self.local_roots,
+                            allow_remote_urls=self.allow_remote_urls, remote_allow_hosts=self.remote_allow_hosts,
+                            remote_timeout_s=self.remote_timeout_s,
+                            remote_trusted_networks=self.remote_trusted_networks)
 
 
 class ApiError(Exception):
@@ -68,7 +90,48 @@ class ApiError(Exception):
 
 
 # ------------------------------------------------------------------------------------------------
-# Request validation (plain functions: every path gives an ApiError naming the field)
+# Step 1: the body as JSON (bounded: no NaN/Infinity, no huge integers, no deep nesting, valid Unicode)
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(digits)} digits")
+    return int(digits)
+
+
+def parse_json(raw: bytes) -> Any:
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant, parse_int=_bounded_int)
+    except RecursionError:
+        raise ApiError(400, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON ({str(exc)[:100]})") from None
+    stack = [(body, 0, "body")]
+    while stack:     # iterative: depth and lone surrogates ("\ud800") checked once, for every field
+        value, depth, where = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, f"{where}: the string is not valid Unicode (lone surrogate)",
+                               param=where) from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, depth + 1, where))
+                stack.append((item, depth + 1, f"{where}.{short(key, 30)[1:-1]}" if where != "body"
+                              else short(key, 30)[1:-1]))
+        elif isinstance(value, list):
+            stack += [(item, depth + 1, f"{where}[{i}]") for i, item in enumerate(value)]
+    return body
+
+
+# ------------------------------------------------------------------------------------------------
+# Step 2: fields. One parser per field; a new field is one more line in parse_chat_request.
 
 def _field(body: dict, name: str, types: tuple, default: Any = None, *, required: bool = False) -> Any:
     if name not in body or body[name] is None:
@@ -82,10 +145,25 @@ def _field(body: dict, name: str, types: tuple, default: Any = None, *, required
     return value
 
 
+def _number(body: dict, name: str, lo: float, hi: float, *, lo_open: bool = False) -> float | None:
+    value = _field(body, name, (int, float), None)
+    if value is not None and not ((lo < value if lo_open else lo <= value) and value <= hi):
+        raise ApiError(400, f"'{name}' must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {short(value, 20)}",
+                       param=name)
+    return None if value is None else float(value)
+
+
+def _int(body: dict, name: str, lo: int, hi: int, default: int | None) -> int | None:
+    value = _field(body, name, (int,), default)
+    if value is not None and not lo <= value <= hi:
+        raise ApiError(400, f"'{name}' must be between {lo} and {hi}, got {short(value, 24)}", param=name)
+    return value
+
+
 @dataclass
 class ChatRequest:
     model: str
-    messages: list[dict[str, Any]]
+    messages: list[dict[str, Any]]      # checked shape; sources still as the client sent them
     thinking: bool
     stream: bool
     max_tokens: int
@@ -95,123 +173,148 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
 
 
-def parse_chat_request(body: Any, opts: ServerOptions) -> ChatRequest:
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
+def _model(body: dict, opts: ServerOptions, thinking_available: bool) -> str:
     model = _field(body, "model", (str,), opts.name)
-    if model not in (opts.name, f"{opts.name}-thinking"):
-        raise ApiError(404, f"model '{model}' does not exist; this server has '{opts.name}' and "
-                       f"'{opts.name}-thinking'", code="model_not_found", param="model")
+    served = [opts.name] + ([f"{opts.name}-thinking"] if thinking_available else [])
+    if model not in served:
+        raise ApiError(404, f"model {short(model, 40)} does not exist; this server has "
+                       + " and ".join(f"'{n}'" for n in served), code="model_not_found", param="model")
+    return model
+
+
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and len(s) <= 256 for s in stop)):
+        raise ApiError(400, "'stop' must be a string or a list of up to 4 strings (256 characters each)", param="stop")
+    return [s for s in stop if s]
+
+
+# The content part shapes we accept, and where each keeps its source.
+IMAGE_PARTS = {"image_url": "image_url", "input_image": "image_url", "image": "image"}
+VIDEO_PARTS = {"video": "video", "video_url": "video_url"}
+
+
+def _messages(body: dict, opts: ServerOptions) -> list[dict[str, Any]]:
     messages = _field(body, "messages", (list,), required=True)
     if not messages:
         raise ApiError(400, "'messages' must not be empty", param="messages")
-    n_images = 0
+    n_images = n_videos = n_frames = 0
     for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
-            raise ApiError(400, f"messages[{i}] must be an object with a string 'role'", param=f"messages[{i}]")
+            raise ApiError(400, f"{where} must be an object with a string 'role'", param=where)
+        if msg["role"] not in ROLES:
+            raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}, got {short(msg['role'], 20)}",
+                           param=f"{where}.role")
         content = msg.get("content")
-        if isinstance(content, list):
-            for k, part in enumerate(content):
-                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                    raise ApiError(400, f"messages[{i}].content[{k}] must be an object with a 'type'",
-                                   param=f"messages[{i}].content[{k}]")
-                if part["type"] == "image_url":
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise ApiError(400, f"{where}.content must be a string or a list of parts", param=f"{where}.content")
+        for k, part in enumerate(content):
+            at = f"{where}.content[{k}]"
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise ApiError(400, f"{at} must be an object with a 'type'", param=at)
+            kind = part["type"]
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise ApiError(400, f"{at}.text must be a string", param=f"{at}.text")
+            elif kind in IMAGE_PARTS or kind in VIDEO_PARTS:
+                if msg["role"] != "user":
+                    raise ApiError(400, f"{at}: images and videos are only accepted in user messages", param=at)
+                if kind in IMAGE_PARTS:
                     n_images += 1
                     if n_images > opts.max_images:
-                        raise ApiError(400, f"at most {opts.max_images} images per request", param="messages")
-        elif content is not None and not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string or a list of parts",
-                           param=f"messages[{i}].content")
-    max_tokens = _field(body, "max_tokens", (int,), None)
+                        raise ApiError(400, f"at most {opts.max_images} images per request", param=at)
+                else:
+                    n_videos += 1
+                    if n_videos > opts.max_videos:
+                        raise ApiError(400, f"at most {opts.max_videos} videos per request", param=at)
+                    frames = part.get(VIDEO_PARTS[kind])
+                    n_frames += len(frames.get("frames") or []) if isinstance(frames, dict) and \
+                        isinstance(frames.get("frames"), list) else 0
+                    if n_frames > opts.max_frames:
+                        raise ApiError(400, f"at most {opts.max_frames} video frames per request", param=at)
+            else:
+                raise ApiError(400, f"{at}.type {short(kind, 30)} is not supported (text, image_url, input_image, "
+                               "image, video, video_url)", param=f"{at}.type")
+    return messages
+
+
+def parse_chat_request(body: Any, opts: ServerOptions, *, thinking_available: bool = True) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    model = _model(body, opts, thinking_available)
+    messages = _messages(body, opts)
+    max_tokens = _int(body, "max_tokens", 1, opts.max_tokens_limit, None)
     if max_tokens is None:
-        max_tokens = _field(body, "max_completion_tokens", (int,), 512)
-    if not 1 <= max_tokens <= opts.max_tokens_limit:
-        raise ApiError(400, f"'max_tokens' must be between 1 and {opts.max_tokens_limit}", param="max_tokens")
-    temperature = _field(body, "temperature", (int, float), None)
-    if temperature is not None and not 0 <= temperature <= 2:
-        raise ApiError(400, "'temperature' must be between 0 and 2", param="temperature")
-    top_p = _field(body, "top_p", (int, float), None)
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ApiError(400, "'top_p' must be in (0, 1]", param="top_p")
-    seed = _field(body, "seed", (int,), None)
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4):
-        raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
-    return ChatRequest(model, messages, model.endswith("-thinking"), bool(_field(body, "stream", (bool,), False)),
-                       max_tokens, None if temperature is None else float(temperature),
-                       None if top_p is None else float(top_p), seed, [s for s in stop if s])
+        max_tokens = _int(body, "max_completion_tokens", 1, opts.max_tokens_limit, 512)
+    return ChatRequest(
+        model=model, messages=messages, thinking=model.endswith("-thinking"),
+        stream=bool(_field(body, "stream", (bool,), False)),
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 0, 2),
+        top_p=_number(body, "top_p", 0, 1, lo_open=True),
+        seed=_int(body, "seed", 0, 2 ** 63 - 1, None),
+        stop=_stop(body))
 
 
-def _is_public_address(host: str) -> bool:
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except OSError:
-        return False
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
-        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast \
-                or ip.is_unspecified:
-            return False
-    return True
+# ------------------------------------------------------------------------------------------------
+# Step 3: sources -> bytes, through the one policy
+
+def _source_value(part: dict, key: str) -> Any:
+    value = part.get(key)
+    return value.get("url") if isinstance(value, dict) and "frames" not in value else value
 
 
-def resolve_image(url: Any, opts: ServerOptions) -> Any:
-    """An image_url value -> something `load_image` takes (bytes or a path), under the server's rules."""
-    if isinstance(url, dict):
-        url = url.get("url")
-    if not isinstance(url, str) or not url:
-        raise ApiError(400, "image_url.url must be a non-empty string")
-    if url.startswith("data:"):
-        try:
-            return decode_data_url(url, opts.max_image_bytes)
-        except ImageInputError as exc:
-            raise ApiError(400 if "limit" not in str(exc) else 413, str(exc)) from None
-    scheme = urlparse(url).scheme.lower()
-    if scheme in ("http", "https"):
-        if not opts.allow_remote_urls:
-            raise ApiError(400, "remote image URLs are disabled on this server (start it with --allow-remote-urls); "
-                           "send the image as a data: URL")
-        host = urlparse(url).hostname or ""
-        if host not in opts.remote_allow_hosts:
-            raise ApiError(403, f"host '{host}' is not in the remote URL allow-list")
-        if not _is_public_address(host):
-            raise ApiError(403, f"host '{host}' resolves to a private or local address")
-        return _fetch(url, opts)
-    if scheme in ("", "file"):
-        if not opts.allow_local_files:
-            raise ApiError(400, "local file paths are disabled on this server (start it with --allow-local-files)")
-        return url[7:] if scheme == "file" else url
-    raise ApiError(400, f"unsupported image URL scheme '{scheme}'")
+async def _video(part: dict, at: str, key: str, policy: SourcePolicy) -> VideoInput:
+    fps, packing = part.get("fps", 3.0), part.get("packing")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 30:
+        raise ApiError(400, f"{at}.fps must be a number in (0, 30], got {short(fps, 20)}", param=f"{at}.fps")
+    if packing is not None and (isinstance(packing, bool) or not isinstance(packing, int) or not 1 <= packing <= 6):
+        raise ApiError(400, f"{at}.packing must be an integer from 1 to 6, got {short(packing, 20)}",
+                       param=f"{at}.packing")
+    value = _source_value(part, key)
+    if isinstance(value, dict):              # frames an app captured: {"frames": [...], "timestamps": [...]}
+        frames, stamps = value.get("frames"), value.get("timestamps")
+        if not isinstance(frames, list) or not frames:
+            raise ApiError(400, f"{at}.{key}.frames must be a non-empty list of images", param=f"{at}.{key}.frames")
+        if not isinstance(stamps, list) or len(stamps) != len(frames) or not all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < 1e6 for t in stamps) or \
+                any(b <= a for a, b in zip(stamps, stamps[1:])):
+            raise ApiError(400, f"{at}.{key}.timestamps must be one increasing number (seconds, >= 0) per frame",
+                           param=f"{at}.{key}.timestamps")
+        data = [await read_source(f, f"{at}.{key}.frames[{j}]", "image", policy) for j, f in enumerate(frames)]
+        source: Any = {"frames": data, "timestamps": [float(t) for t in stamps]}
+    else:
+        source = await read_source(value, f"{at}.{key}", "video", policy)
+    return VideoInput(source, float(fps), packing)
 
 
-def _fetch(url: str, opts: ServerOptions) -> bytes:
-    import urllib.request
-    req = urllib.request.Request(url, headers={"User-Agent": "minicpmv-edge"})
-    try:
-        with urllib.request.urlopen(req, timeout=opts.remote_timeout_s) as resp:   # noqa: S310 (allow-listed)
-            data = resp.read(opts.max_image_bytes + 1)
-    except OSError as exc:
-        raise ApiError(400, f"could not fetch {url}: {exc}") from None
-    if len(data) > opts.max_image_bytes:
-        raise ApiError(413, f"remote image is over {opts.max_image_bytes:,} bytes")
-    return data
-
-
-def _openai_messages(req_messages: list[dict[str, Any]], opts: ServerOptions) -> list[dict[str, Any]]:
+async def resolve_messages(messages: list[dict[str, Any]], policy: SourcePolicy) -> list[dict[str, Any]]:
+    """Checked request messages -> runtime messages whose images and videos are bytes."""
     out = []
-    for msg in req_messages:
+    for i, msg in enumerate(messages):
         content = msg.get("content")
         if isinstance(content, list):
-            parts = []
-            for part in content:
-                if part["type"] == "image_url":
-                    parts.append({"type": "image", "image": resolve_image(part.get("image_url"), opts)})
-                else:
-                    parts.append(part)
+            parts: list[Any] = []
+            for k, part in enumerate(content):
+                at, kind = f"messages[{i}].content[{k}]", part["type"]
+                try:
+                    if kind in IMAGE_PARTS:
+                        key = IMAGE_PARTS[kind]
+                        parts.append({"type": "image", "image": await read_source(
+                            _source_value(part, key), f"{at}.{key}", "image", policy)})
+                    elif kind in VIDEO_PARTS:
+                        parts.append(await _video(part, at, VIDEO_PARTS[kind], policy))
+                    else:
+                        parts.append({"type": "text", "text": part["text"]})
+                except SourceError as exc:
+                    raise ApiError(exc.status, exc.message, param=at) from None
             content = parts
         out.append({"role": msg["role"], "content": content})
     return out
@@ -258,6 +361,8 @@ class Worker:
                 for ev in job.run(job.cancel):   # the session stops at the next token once cancel is set
                     job.emit(ev)
             except Exception as exc:      # reported to the client, never kills the worker
+                if not isinstance(exc, MiniCPMVEdgeError):     # a bug, not a bad input: keep its traceback
+                    log.error("worker: request failed", exc_info=exc)
                 job.emit(exc)
             finally:
                 self.busy = False
@@ -312,13 +417,16 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     opts = opts or ServerOptions()
+    policy = opts.source_policy()
     worker = Worker(model, opts.max_queue)
+    thinking_available = bool(model.facts.thinking)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         yield
         worker.stop()
-    app = FastAPI(title="minicpmv-edge", version="1", lifespan=lifespan)
+    docs = {} if opts.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="minicpmv-edge", version="1", lifespan=lifespan, **docs)
     app.state.worker = worker
 
     @app.exception_handler(ApiError)
@@ -327,29 +435,36 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, exc):
-        return JSONResponse(ApiError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+        return JSONResponse(ApiError(exc.status_code, str(exc.detail)[:200]).body(), status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request, exc):
-        return JSONResponse(ApiError(400, f"invalid request: {exc.errors()[:1]}").body(), status_code=400)
+        return JSONResponse(ApiError(400, f"invalid request: {str(exc.errors()[:1])[:200]}").body(), status_code=400)
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > opts.max_body_bytes:
-            return JSONResponse(ApiError(413, f"request body over {opts.max_body_bytes:,} bytes").body(), 413)
-        return await call_next(request)
+    @app.exception_handler(Exception)
+    async def _unexpected(_request, exc):          # a bug: logged with its traceback, answered in the same shape
+        log.error("unhandled error", exc_info=exc)
+        return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}", type_="server_error").body(), 500)
 
     async def _json_body(request: Request) -> Any:
-        raw = b""
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > opts.max_body_bytes:
-                raise ApiError(413, f"request body over {opts.max_body_bytes:,} bytes")
+        """The body, refused as soon as it passes the size limit or the time limit (no middleware: a plain
+        ASGI receive keeps disconnects visible to the handlers)."""
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > opts.max_body_bytes:
+            raise ApiError(413, f"request body over {opts.max_body_bytes:,} bytes")
+
+        async def read() -> bytes:
+            raw = bytearray()
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > opts.max_body_bytes:
+                    raise ApiError(413, f"request body over {opts.max_body_bytes:,} bytes")
+            return bytes(raw)
         try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
+            raw = await asyncio.wait_for(read(), opts.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {opts.body_timeout_s:g} s") from None
+        return parse_json(raw)
 
     @app.get("/health")
     async def health():
@@ -359,7 +474,7 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
     @app.get("/v1/models")
     async def models():
         now = int(time.time())
-        names = [opts.name] + ([f"{opts.name}-thinking"] if model.facts.thinking else [])
+        names = [opts.name] + ([f"{opts.name}-thinking"] if thinking_available else [])
         return {"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": "local"}
                                            for n in names]}
 
@@ -372,55 +487,69 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
         return run
 
     async def _events(job: _Job, request: Request):
-        """Yield the worker's events; on disconnect, cancel the job."""
-        while True:
-            try:
-                item = await asyncio.wait_for(job.events.get(), timeout=0.25)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel.set()
+        """Yield the worker's events; when the client goes away (queued or running), cancel the job."""
+        done = False
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(job.events.get(), timeout=0.2)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if item is None:
+                    done = True
                     return
-                continue
-            if item is None:
-                return
-            if isinstance(item, Exception):
-                raise item
-            yield item
+                if isinstance(item, Exception):
+                    done = True
+                    raise _error_from(item)
+                yield item
+        finally:
+            if not done:
+                job.cancel.set()     # disconnect, or the response was cancelled: the worker stops at once
 
     def _error_from(exc: Exception) -> ApiError:
         if isinstance(exc, ApiError):
             return exc
         if isinstance(exc, ContextOverflowError):
-            return ApiError(400, str(exc), code="context_length_exceeded")
+            return ApiError(400, str(exc)[:300], code="context_length_exceeded")
+        if isinstance(exc, GenerationCancelled):
+            return ApiError(499, "client closed the request")
         if isinstance(exc, MiniCPMVEdgeError):
-            return ApiError(400, str(exc))
+            return ApiError(400, str(exc)[:300])
         return ApiError(500, f"internal error: {type(exc).__name__}", type_="server_error")
 
-    async def _result(job: _Job, request: Request) -> ChatResult:
-        """Wait for a non-streaming job's final result."""
-        result = None
+    async def _submit(messages, req: ChatRequest, request: Request):
+        """Queue the job and wait for its first event, so errors before the answer (a bad image, an overflow)
+        get their own status, streaming or not."""
+        job = _Job(_runner(messages, req), asyncio.get_running_loop())
+        worker.submit(job, opts.retry_after_s)
+        events = _events(job, request)
         try:
-            async for ev in _events(job, request):
-                if ev.result is not None:
-                    result = ev.result
-        except Exception as exc:
-            raise _error_from(exc) from None
+            first = await events.__anext__()
+        except StopAsyncIteration:
+            raise ApiError(499, "client closed the request") from None
+        return job, first, events
+
+    async def _result(first: StreamEvent, events) -> ChatResult:
+        """A non-streaming job's final result."""
+        result = first.result
+        async for ev in events:
+            if ev.result is not None:
+                result = ev.result
         if result is None:
             raise ApiError(499, "client closed the request")
         return result
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_chat_request(await _json_body(request), opts)
-        if req.thinking and not model.facts.thinking:
-            raise ApiError(400, "this model has no thinking mode", param="model")
-        messages = _openai_messages(req.messages, opts)
-        job = _Job(_runner(messages, req), asyncio.get_running_loop())
-        worker.submit(job, opts.retry_after_s)
+        req = parse_chat_request(await _json_body(request), opts, thinking_available=thinking_available)
+        messages = await resolve_messages(req.messages, policy)
+        _job, first, events = await _submit(messages, req, request)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         if not req.stream:
-            result = await _result(job, request)
+            result = await _result(first, events)
             message = {"role": "assistant", "content": result.text}
             if result.reasoning is not None:
                 message["reasoning_content"] = result.reasoning
@@ -428,22 +557,34 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
                     "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
                     "usage": _usage(result), "timings": result.timings.as_dict()}
 
+        def chunk(delta: dict, finish: str | None = None, extra: dict | None = None) -> str:
+            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            body.update(extra or {})
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        def sse_event(ev: StreamEvent) -> str | None:
+            if ev.result is not None:
+                return chunk({}, ev.result.finish_reason,
+                             {"usage": _usage(ev.result), "timings": ev.result.timings.as_dict()})
+            if ev.delta:
+                return chunk({"reasoning_content": ev.delta} if ev.reasoning else {"content": ev.delta})
+            return None
+
         async def sse():
-            def chunk(delta: dict, finish: str | None = None, extra: dict | None = None) -> str:
-                body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-                body.update(extra or {})
-                return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-            yield chunk({"role": "assistant", "content": ""})
             try:
-                async for ev in _events(job, request):
-                    if ev.result is not None:
-                        yield chunk({}, ev.result.finish_reason,
-                                    {"usage": _usage(ev.result), "timings": ev.result.timings.as_dict()})
-                    elif ev.delta:
-                        yield chunk({"reasoning_content": ev.delta} if ev.reasoning else {"content": ev.delta})
-            except Exception as exc:
-                yield f"data: {json.dumps(_error_from(exc).body())}\n\n"
+                yield chunk({"role": "assistant", "content": ""})
+                text = sse_event(first)
+                if text:
+                    yield text
+                async for ev in events:
+                    text = sse_event(ev)
+                    if text:
+                        yield text
+            except ApiError as exc:
+                yield f"data: {json.dumps(exc.body())}\n\n"
+            finally:
+                await events.aclose()        # a disconnect cancels this generator: the job is cancelled too
             yield "data: [DONE]\n\n"
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -461,23 +602,73 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
         elif preset in PRESET_PROMPTS or preset is None:
             prompt = PRESET_PROMPTS[preset or "describe"]
         else:
-            raise ApiError(400, f"unknown preset_prompt '{preset}' (choose from {', '.join(PRESET_PROMPTS)})",
+            raise ApiError(400, f"unknown preset_prompt {short(preset, 40)} (choose from {', '.join(PRESET_PROMPTS)})",
                            param="preset_prompt")
         seed = _field(body, "seed", (int,), -1)
         if seed == -1:
             seed = random.randrange(2 ** 31)
-        max_tokens = _field(body, "max_tokens", (int,), 256)
-        payload = {"model": opts.name, "seed": seed, "max_tokens": max_tokens,
-                   "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+        payload = {"model": opts.name, "seed": seed, "max_tokens": body.get("max_tokens", 256),
+                   "messages": [{"role": "user", "content": [{"type": "image", "image": image},
                                                              {"type": "text", "text": prompt}]}]}
-        req = parse_chat_request(payload, opts)
-        job = _Job(_runner(_openai_messages(req.messages, opts), req), asyncio.get_running_loop())
-        worker.submit(job, opts.retry_after_s)
-        result = await _result(job, request)
+        req = parse_chat_request(payload, opts, thinking_available=thinking_available)
+        try:
+            messages = await resolve_messages(req.messages, policy)
+        except ApiError as exc:   # name the field the client sent
+            raise ApiError(exc.status, exc.message.replace("messages[0].content[0].image", "image"),
+                           param="image") from None
+        _job, first, events = await _submit(messages, req, request)
+        result = await _result(first, events)
         return {"text": result.text, "prompt": prompt, "seed": seed, "finish_reason": result.finish_reason,
                 "usage": _usage(result), "timings": result.timings.as_dict()}
 
     return app
+
+
+def make_server(app, host: str, port: int, opts: ServerOptions, log_level: str = "warning"):
+    """A uvicorn server with the limits a public-facing process needs: request headers within
+    `header_timeout_s` (slow-loris), at most 16 KiB of headers, idle keep-alive connections closed after 5 s."""
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class _HeaderDeadline(H11Protocol):
+        """Closes a connection that has not sent a whole request head `header_timeout_s` after it opened or
+        after its previous response (uvicorn has no such timer: a slow-loris client would hold a connection)."""
+
+        def _arm(self):
+            self._waiting_since_cycle = self.cycle          # a new request replaces self.cycle
+            self._header_timer = self.loop.call_later(opts.header_timeout_s, self._headers_late)
+
+        def _disarm(self):
+            timer, self._header_timer = getattr(self, "_header_timer", None), None
+            if timer is not None:
+                timer.cancel()
+
+        def _headers_late(self):
+            if self.cycle is self._waiting_since_cycle and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self):
+            super().handle_events()
+            if getattr(self, "_header_timer", None) is not None and self.cycle is not self._waiting_since_cycle:
+                self._disarm()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._disarm()
+                self._arm()
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=_HeaderDeadline,
+                            timeout_keep_alive=5, h11_max_incomplete_event_size=16 * 1024)
+    return uvicorn.Server(config)
 
 
 def _usage(result: ChatResult) -> dict[str, int]:

@@ -23,10 +23,11 @@ import numpy as np
 from minicpmv_edge.errors import MiniCPMVEdgeError
 from minicpmv_edge.facts import ModelFacts
 
-from .decoder import Decoder, Embeddings, SamplingParams
-from .images import LoadedImage, load_image
+from .decoder import ContextOverflowError, Decoder, Embeddings, SamplingParams
+from .images import ImageHeader, ImageInputError, LoadedImage, load_image, read_image_header, slice_shapes
 from .preprocess import DEFAULT_MAX_PIXELS, PreprocessedImage, preprocess_image
-from .prompt import IMAGE_TAG, PromptFormat, expand_tags, image_spans, image_text, render, video_text
+from .prompt import (IMAGE_TAG, PromptFormat, image_spans, image_text, render, tokenize_prompt, untrusted,
+                     video_text)
 from .vision import VisionBackend
 
 class Resampler(Protocol):
@@ -113,6 +114,29 @@ class VideoInput:
     packing: int | None = None       # frames per 64-token block (default: the recipe's choice)
 
 
+class GenerationCancelled(MiniCPMVEdgeError):
+    """`should_stop` said stop before the answer began (the client left while images were encoded)."""
+
+
+# Caller text longer than this many characters per context position cannot fit: refused before tokenizing.
+MAX_CHARS_PER_POSITION = 16
+MAX_VIDEO_FPS = 30.0          # frames sampled per second at most (the 4.5 recipe uses 3-10)
+# Longest side of one slice, in patches (the native resampler's grid limit): a 1x200000 strip is refused from its
+# header instead of running the ViT on 14 000 patches first.
+MAX_SLICE_SIDE_PATCHES = 1024
+
+
+@dataclass
+class _Planned:
+    """One image or video after the cheap checks (headers only): what the prompt needs, nothing decoded."""
+    source: Any                      # ImageHeader, or VideoInput
+    placeholder: str                 # its prompt text (image ids already numbered)
+    blocks: int                      # 64-token blocks it becomes
+    tags: int                        # image tags it counts as in the HF processor's numbering
+    frames: Any = None               # videos: the FramePlan
+    frame_grids: list = field(default_factory=list)   # videos as images: each frame's slice grid
+
+
 @dataclass
 class _Request:
     messages: list[dict[str, Any]]   # content flattened to text with IMAGE_TAGs
@@ -142,25 +166,28 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> _Request:
         if not isinstance(items, (list, tuple)):
             raise MiniCPMVEdgeError(f"messages[{n}].content: expected a string or a list of parts")
         parts: list[str] = []
+        mark = (lambda text: text) if role == "assistant" else untrusted   # caller text: no control tokens
         for k, item in enumerate(items):
             if item is None:
                 continue
             if isinstance(item, str):
-                parts.append(item)
+                parts.append(mark(item))
             elif isinstance(item, Mapping) and item.get("type") == "text":
                 if not isinstance(item.get("text"), str):
                     raise MiniCPMVEdgeError(f"messages[{n}].content[{k}].text: expected a string")
-                parts.append(item["text"])
+                parts.append(mark(item["text"]))
             elif isinstance(item, Mapping) and item.get("type") == "video":
                 if role != "user":
                     raise MiniCPMVEdgeError(f"messages[{n}]: videos are only accepted in user messages")
                 if item.get("video") is None:
                     raise MiniCPMVEdgeError(f"messages[{n}].content[{k}]: video part without a video")
-                try:
-                    out.images.append(VideoInput(item["video"], float(item.get("fps", 3.0)),
-                                                 item.get("packing")))
-                except (TypeError, ValueError):
-                    raise MiniCPMVEdgeError(f"messages[{n}].content[{k}].fps: expected a number") from None
+                fps, packing = item.get("fps", 3.0), item.get("packing")
+                if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= MAX_VIDEO_FPS:
+                    raise MiniCPMVEdgeError(f"messages[{n}].content[{k}].fps: expected a number in "
+                                            f"(0, {MAX_VIDEO_FPS:g}]")
+                if packing is not None and (isinstance(packing, bool) or not isinstance(packing, int)):
+                    raise MiniCPMVEdgeError(f"messages[{n}].content[{k}].packing: expected an integer")
+                out.images.append(VideoInput(item["video"], float(fps), packing))
                 parts.append(IMAGE_TAG)
             elif isinstance(item, VideoInput):
                 out.images.append(item)
@@ -206,6 +233,7 @@ class MiniCPMV:
         self.max_pixels = max_pixels
         self._cache: OrderedDict[str, _Encoded] = OrderedDict()
         self._cache_size = image_cache_size
+        self._special_ids: dict[str, int] = {}
         self.stop_ids = [self._single_id(t) for t in facts.stop_tokens]
         tok = facts.special_tokens
         self._open_ids = {self._single_id(tok["image_start"]), self._single_id(tok["slice_start"])}
@@ -214,17 +242,91 @@ class MiniCPMV:
         self._think_ids = ((self._single_id(tok["think_start"]), self._single_id(tok["think_end"]))
                            if facts.thinking else ())
 
+    def _special_id(self, token: str) -> int:
+        if token not in self._special_ids:
+            self._special_ids[token] = self._single_id(token)
+        return self._special_ids[token]
+
     def _single_id(self, token: str) -> int:
         ids = self.decoder.tokenize(token, parse_special=True)
         if len(ids) != 1:
             raise MiniCPMVEdgeError(f"special token {token!r} is not a single token in this model's vocabulary")
         return ids[0]
 
-    # ----- images
-    def _encode_image(self, source: Any, max_slices: int, t: Timings) -> _Encoded:
+    # ----- cheap checks: headers and arithmetic only, before any pixel is decoded or the ViT runs
+    def _check_slices(self, name: str, size: tuple[int, int], max_slices: int):
+        """(grid, slice count) of an image of `size`; refuses slices the ViT and resampler cannot take."""
+        cfg = self.preprocess_config
+        grid, shapes = slice_shapes(size, max_slices, cfg.slice_size, cfg.patch_size, cfg.slicing)
+        longest = max(max(h, w) for h, w in shapes)
+        if longest > MAX_SLICE_SIDE_PATCHES:
+            raise ImageInputError(f"{name}: {size[0]}x{size[1]} is too elongated: a slice would be {longest} patches "
+                                  f"long (the limit is {MAX_SLICE_SIDE_PATCHES})")
+        return grid, len(shapes)
+
+    def _plan_image(self, source: Any, max_slices: int, index: int) -> _Planned:
+        head = read_image_header(source, max_pixels=self.max_pixels, name=f"image {index + 1}")
+        grid, n = self._check_slices(head.source, head.size, max_slices)
+        return _Planned(head, image_text(grid, index, self.prompt_format), n, 1)
+
+    def _plan_video(self, video: VideoInput, index: int) -> _Planned:
+        """The frames the recipe samples (from the container header or the given timestamps), the blocks they
+        become and, for models that see frames as images, each sampled frame's slice grid."""
+        from .video import frame_size, plan_timestamps, plan_video
+        facts, fmt = self.facts, self.prompt_format
+        temporal = facts.video == "temporal_resampler"
+        if video.packing is not None and not 1 <= video.packing <= facts.max_temporal_packing:
+            raise MiniCPMVEdgeError(f"video packing must be between 1 and {facts.max_temporal_packing} on "
+                                    f"MiniCPM-V {facts.version}, got {video.packing}")
+        # the recipe packs up to MAX_NUM_PACKING frames on its own; asking for more raises that bound
+        max_packing = max(facts.video_default_packing, video.packing or 0)
+        packing = video.packing if temporal else 1
+        if isinstance(video.source, Mapping):
+            frames = video.source.get("frames")
+            if not isinstance(frames, (list, tuple)) or not frames:
+                raise MiniCPMVEdgeError("video frames: expected a non-empty list of images")
+            ts = video.source.get("timestamps")
+            if not isinstance(ts, (list, tuple)) or len(ts) != len(frames):
+                raise MiniCPMVEdgeError(f"video: {len(frames)} frames need as many timestamps")
+            plan = plan_timestamps(ts, choose_fps=video.fps, force_packing=packing, max_packing=max_packing)
+            heads = [read_image_header(frames[i], max_pixels=self.max_pixels, name=f"video frame {i}")
+                     for i in plan.indices]
+            sizes = [h.size for h in heads]
+            video = VideoInput({"frames": heads}, video.fps, video.packing)
+        else:
+            plan = plan_video(video.source, choose_fps=video.fps, force_packing=packing, max_packing=max_packing)
+            w, h = frame_size(video.source)
+            if w < 1 or h < 1 or w * h > self.max_pixels:
+                raise MiniCPMVEdgeError(f"video: frames of {w}x{h} are outside 1..{self.max_pixels:,} pixels")
+            sizes = [(w, h)] * len(plan.indices)
+        n_frames = len(plan.indices)
+        if temporal:
+            for i, size in enumerate(sizes):
+                self._check_slices(f"video frame {i}", size, 1)
+            blocks = len(plan.groups)
+            return _Planned(video, video_text(blocks, fmt), blocks, n_frames, plan)
+        grids, blocks = [], 0
+        for i, size in enumerate(sizes):
+            grid, n = self._check_slices(f"video frame {i}", size, facts.video_max_slice_nums)
+            grids.append(grid)
+            blocks += n
+        text = "\n".join(image_text(g, 0, fmt, use_image_id=False) for g in grids)
+        return _Planned(video, text, blocks, n_frames, plan, grids)
+
+    def _plan(self, req: _Request, max_slices: int) -> list[_Planned]:
+        plans, tags = [], 0
+        for src in req.images:
+            # <image_id> numbers count every image tag before it, video frames included, as the HF processor does
+            p = self._plan_video(src, tags) if isinstance(src, VideoInput) else self._plan_image(src, max_slices, tags)
+            plans.append(p)
+            tags += p.tags
+        return plans
+
+    # ----- the expensive part: decode, slice, ViT, resampler
+    def _encode_image(self, head: ImageHeader, max_slices: int, t: Timings, should_stop) -> _Encoded:
         cfg = self.preprocess_config
         t0 = time.perf_counter()
-        loaded: LoadedImage = load_image(source, max_pixels=self.max_pixels)
+        loaded: LoadedImage = load_image(head, max_pixels=self.max_pixels)
         key = f"{loaded.digest}:{max_slices}:{cfg.slice_size}:{cfg.slicing}"
         hit = self._cache.get(key)
         if hit is not None:
@@ -236,76 +338,95 @@ class MiniCPMV:
             loaded.image, max_slice_nums=max_slices, slice_size=cfg.slice_size, patch_size=cfg.patch_size,
             mean=cfg.mean, std=cfg.std, slicing=cfg.slicing, max_pixels=self.max_pixels)
         t.preprocess += time.perf_counter() - t0
-        blocks = []
-        for s in pre.slices:
-            t1 = time.perf_counter()
-            feats = self.vision.encode(s)
-            t2 = time.perf_counter()
-            blocks.append(np.asarray(self.resampler.run(feats, *s.tgt_size), dtype=np.float32))
-            t.vision += t2 - t1
-            t.resampler += time.perf_counter() - t2
-            t.slices += 1
+        blocks = [self._encode_slice(s, t, should_stop) for s in pre.slices]
         enc = _Encoded(pre.grid, blocks, key)
         self._cache[key] = enc
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return enc
 
-    def _encode_video(self, video: VideoInput, t: Timings) -> _Encoded:
-        """Frames sampled by the official recipe, each encoded as one unsliced slice; with the temporal
-        resampler (4.5) each group of `packing` frames becomes one 64-token block, otherwise (2.6, 4.0)
-        every frame is its own block, as the official 2.6 recipe feeds video."""
-        from .video import load_video, video_from_images
+    def _encode_slice(self, s, t: Timings, should_stop) -> np.ndarray:
+        if should_stop is not None and should_stop():
+            raise GenerationCancelled("stopped while encoding images")
+        t1 = time.perf_counter()
+        feats = self.vision.encode(s)
+        t2 = time.perf_counter()
+        block = np.asarray(self.resampler.run(feats, *s.tgt_size), dtype=np.float32)
+        t.vision += t2 - t1
+        t.resampler += time.perf_counter() - t2
+        t.slices += 1
+        return block
+
+    def _frames(self, planned: _Planned):
+        """The sampled frames, decoded one at a time (never all held at once)."""
+        from .video import iter_frames
+        source = planned.source.source
+        if isinstance(source, Mapping):
+            return (load_image(h, max_pixels=self.max_pixels).image.convert("RGB") for h in source["frames"])
+        return iter_frames(source, planned.frames.indices, planned.frames.fps)
+
+    def _encode_video(self, planned: _Planned, t: Timings, should_stop) -> _Encoded:
+        """Frames sampled by the official recipe, decoded and encoded one at a time. With the temporal resampler
+        (4.5) each group of `packing` frames becomes one 64-token block (only that group's features are held);
+        otherwise (2.6, 4.0) every frame is an image sliced with the version's video max_slice_nums."""
         cfg = self.preprocess_config
+        plan = planned.frames
         temporal = self.facts.video == "temporal_resampler"
-        max_packing = self.facts.max_temporal_packing if temporal else 1
-        packing = video.packing if temporal else 1
-        t0 = time.perf_counter()
-        if isinstance(video.source, Mapping):
-            frames = [load_image(f, max_pixels=self.max_pixels).image for f in video.source.get("frames", [])]
-            v = video_from_images(frames, video.source.get("timestamps", []), choose_fps=video.fps,
-                                  force_packing=packing, max_packing=max_packing)
-        else:
-            v = load_video(video.source, choose_fps=video.fps, force_packing=packing, max_packing=max_packing)
-        t.video_decode += time.perf_counter() - t0
+        max_slices = 1 if temporal else self.facts.video_max_slice_nums
+        blocks: list[np.ndarray] = []
         feats, grids = [], []
-        for frame in v.frames:
+        groups = iter(plan.groups)
+        t0 = time.perf_counter()
+        for frame in self._frames(planned):
+            t.video_decode += time.perf_counter() - t0
+            if should_stop is not None and should_stop():
+                raise GenerationCancelled("stopped while encoding a video")
             t1 = time.perf_counter()
-            pre = preprocess_image(frame, max_slice_nums=1, slice_size=cfg.slice_size, patch_size=cfg.patch_size,
-                                   mean=cfg.mean, std=cfg.std, slicing=cfg.slicing, max_pixels=self.max_pixels)
-            t2 = time.perf_counter()
-            feats.append(self.vision.encode(pre.slices[0]))
-            grids.append(tuple(pre.slices[0].tgt_size))
-            t.preprocess += t2 - t1
-            t.vision += time.perf_counter() - t2
-            t.slices += 1
-        t3 = time.perf_counter()
-        if temporal:
-            blocks = [self.resampler.run_group(feats[i:i + v.plan.packing], grids[i:i + v.plan.packing], group)
-                      for i, group in zip(range(0, len(feats), v.plan.packing), v.plan.groups)]
-        else:
-            blocks = [self.resampler.run(f, *g) for f, g in zip(feats, grids)]
-        t.resampler += time.perf_counter() - t3
-        t.video_frames += len(v.frames)
+            pre = preprocess_image(frame, max_slice_nums=max_slices, slice_size=cfg.slice_size,
+                                   patch_size=cfg.patch_size, mean=cfg.mean, std=cfg.std, slicing=cfg.slicing,
+                                   max_pixels=self.max_pixels)
+            del frame
+            t.preprocess += time.perf_counter() - t1
+            t.video_frames += 1
+            if not temporal:
+                blocks += [self._encode_slice(s, t, should_stop) for s in pre.slices]
+            else:
+                t2 = time.perf_counter()
+                feats.append(self.vision.encode(pre.slices[0]))
+                grids.append(tuple(pre.slices[0].tgt_size))
+                t.vision += time.perf_counter() - t2
+                t.slices += 1
+                if len(feats) == plan.packing or t.video_frames == len(plan.indices):
+                    t3 = time.perf_counter()
+                    group = next(groups)
+                    blocks.append(np.asarray(self.resampler.run_group(feats, grids, group), dtype=np.float32))
+                    t.resampler += time.perf_counter() - t3
+                    feats, grids = [], []
+            t0 = time.perf_counter()
         t.video_blocks += len(blocks)
-        key = f"video:{id(video)}:{time.time_ns()}"   # videos are not cached
-        return _Encoded(None, [np.asarray(b, dtype=np.float32) for b in blocks], key, is_video=True)
+        key = f"video:{id(planned)}:{time.time_ns()}"   # videos are not cached
+        return _Encoded(None, blocks, key, is_video=True)
 
     # ----- prompt
-    def _segments(self, req: _Request, encoded: list[_Encoded], thinking: bool) -> tuple[list, int]:
+    def _prompt_ids(self, req: _Request, plans: list[_Planned], thinking: bool) -> tuple[list[int], list]:
+        """Token ids of the whole prompt (image slots filled with pads) and the [start, end) slot of every block;
+        known before any vision work, so a prompt that cannot fit is refused first."""
         fmt = self.prompt_format
         text = render(fmt, req.messages, enable_thinking=thinking if fmt.thinking else None)
-        placeholders, n_images = [], 0
-        for e in encoded:
-            if e.is_video:
-                placeholders.append(video_text(len(e.blocks), fmt))
-            else:
-                placeholders.append(image_text(e.grid, n_images, fmt))
-                n_images += 1
-        text = expand_tags(text, placeholders)
-        ids = self.decoder.tokenize(text, add_special=self.facts.bos_token is not None, parse_special=True)
+        specials = [*fmt.special_tokens.values(), *(t for t in (fmt.bos_token, fmt.eos_token) if t)]
+        prefix = self.decoder.tokenize("", add_special=True, parse_special=False) if self.facts.bos_token else []
+        ids, control = tokenize_prompt(text, [p.placeholder for p in plans], specials,
+                                       lambda s: self.decoder.tokenize(s, parse_special=False), self._special_id)
+        ids = prefix + ids
+        control = {i + len(prefix) for i in control}
+        spans = image_spans(ids, self._open_ids, self._close_ids, control)
+        if len(spans) != sum(p.blocks for p in plans):
+            raise MiniCPMVEdgeError(f"the prompt has {len(spans)} image slots for {sum(p.blocks for p in plans)} "
+                                    "slice embeddings")
+        return ids, spans
+
+    def _segments(self, ids: list[int], spans: list, encoded: list[_Encoded]) -> list:
         blocks = [(e.key, i, b) for e in encoded for i, b in enumerate(e.blocks)]
-        spans = image_spans(ids, self._open_ids, self._close_ids)
         if len(spans) != len(blocks):
             raise MiniCPMVEdgeError(f"the prompt has {len(spans)} image slots for {len(blocks)} slice embeddings")
         segments: list = []
@@ -318,7 +439,7 @@ class MiniCPMV:
             segments.append(Embeddings(block, f"{key}#{i}"))
             prev = end
         segments.append(ids[prev:])
-        return [s for s in segments if isinstance(s, Embeddings) or len(s)], len(ids)
+        return [s for s in segments if isinstance(s, Embeddings) or len(s)]
 
     # ----- chat
     def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, thinking: bool = False,
@@ -350,9 +471,10 @@ class MiniCPMV:
                               else repetition_penalty, seed=seed)
 
     def prepare(self, messages: Sequence[Mapping[str, Any]], *, thinking: bool = False, max_slices: int | None = None,
-                timings: Timings | None = None) -> list:
-        """Everything before the LLM: images and videos encoded (cached), the prompt rendered and tokenized,
-        split into token runs and embedding blocks ready for `decoder.prefill` / `decoder.generate`."""
+                timings: Timings | None = None, should_stop: Callable[[], bool] | None = None) -> list:
+        """Everything before the LLM: the cheap checks (headers, slice grids, frame counts, the whole prompt's
+        length vs the context), then images and videos encoded (cached), split into token runs and embedding
+        blocks ready for `decoder.prefill` / `decoder.generate`. `should_stop` is polled between slices."""
         if thinking and not self.facts.thinking:
             raise MiniCPMVEdgeError(f"MiniCPM-V {self.facts.version} has no thinking mode")
         slices = self.preprocess_config.max_slice_nums if max_slices is None else int(max_slices)
@@ -360,10 +482,21 @@ class MiniCPMV:
             raise MiniCPMVEdgeError(f"max_slices must be between 1 and 36, got {slices}")
         t = timings if timings is not None else Timings()
         req = normalize_messages(messages)
-        encoded = [self._encode_video(src, t) if isinstance(src, VideoInput) else self._encode_image(src, slices, t)
-                   for src in req.images]
-        segments, t.prompt_tokens = self._segments(req, encoded, thinking)
-        return segments
+        n_ctx = self.decoder.n_ctx
+        chars = sum(len(m["content"]) for m in req.messages)
+        if chars > n_ctx * MAX_CHARS_PER_POSITION:
+            raise ContextOverflowError(f"the messages hold {chars:,} characters; a {n_ctx}-token context holds at "
+                                       f"most {n_ctx * MAX_CHARS_PER_POSITION:,}")
+        plans = self._plan(req, slices)
+        ids, spans = self._prompt_ids(req, plans, thinking)
+        if len(ids) >= n_ctx:
+            raise ContextOverflowError(f"the prompt needs {len(ids)} positions ({len(spans)} image blocks of "
+                                       f"{self.prompt_format.query_num}) but the context holds {n_ctx} (raise n_ctx, "
+                                       "use fewer slices, images or frames, or shorten the text)")
+        encoded = [self._encode_video(p, t, should_stop) if isinstance(p.source, VideoInput)
+                   else self._encode_image(p.source, slices, t, should_stop) for p in plans]
+        t.prompt_tokens = len(ids)
+        return self._segments(ids, spans, encoded)
 
     def _run(self, messages, *, thinking, seed, max_tokens, max_slices, sampling,
              should_stop=None) -> Iterator[StreamEvent]:
@@ -371,7 +504,8 @@ class MiniCPMV:
             raise MiniCPMVEdgeError(f"max_tokens must be at least 1, got {max_tokens}")
         t = Timings()
         t_start = time.perf_counter()
-        segments = self.prepare(messages, thinking=thinking, max_slices=max_slices, timings=t)
+        segments = self.prepare(messages, thinking=thinking, max_slices=max_slices, timings=t,
+                                should_stop=should_stop)
         utf8 = _Utf8Stream()
         tokens: list[int] = []
         parts: dict[bool, list[str]] = {True: [], False: []}   # reasoning? -> text pieces

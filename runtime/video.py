@@ -7,14 +7,17 @@ without the temporal resampler (2.6, 4.0) get every sampled frame as its own ima
 
 Decoding seeks to the keyframe before each wanted frame when frames are sparse (a long video sampled at
 3 fps) and decodes straight through when they are dense; frame indices count decoded frames, as the
-recipe's frame reader does, so variable-frame-rate files sample the same frames.
+recipe's frame reader does, so variable-frame-rate files sample the same frames. A video is a path or its
+bytes (what the server passes: it never hands the runtime a path); `iter_frames` yields the sampled frames
+one at a time, so a caller can encode each and let it go instead of holding every decoded frame.
 """
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -29,6 +32,13 @@ MAX_DURATION_S = 4 * 3600.0   # refuse longer files: a lying header should not m
 
 class VideoInputError(MiniCPMVEdgeError):
     pass
+
+
+VideoSource = Union[str, Path, bytes]    # a file, or the file's bytes
+
+
+def _name(source: VideoSource) -> str:
+    return "video bytes" if isinstance(source, (bytes, bytearray)) else str(source)
 
 
 @dataclass(frozen=True)
@@ -89,27 +99,34 @@ def plan_frames(n_frames: int, fps: float, *, choose_fps: float = 3.0, force_pac
     return FramePlan(n_frames, float(fps), indices, [int(i) for i in ids], max(1, packing))
 
 
-def _open(path: Path):
+def _open(source: VideoSource):
     try:
         import av
     except ImportError:
         raise MiniCPMVEdgeError("video input needs PyAV: pip install 'minicpmv-edge[video]'") from None
-    if not path.is_file():
+    path = _name(source)
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise VideoInputError("video bytes: empty (0 bytes)")
+        target = io.BytesIO(source)
+    elif not Path(source).is_file():
         raise VideoInputError(f"{path}: file not found")
+    else:
+        target = str(source)
     try:
-        container = av.open(str(path))
-    except av.error.FFmpegError as exc:
-        raise VideoInputError(f"{path}: not a video FFmpeg can read ({exc})") from None
+        container = av.open(target)
+    except (av.error.FFmpegError, ValueError) as exc:
+        raise VideoInputError(f"{path}: not a video FFmpeg can read ({str(exc)[:80]})") from None
     if not container.streams.video:
         container.close()
         raise VideoInputError(f"{path}: has no video stream")
     return av, container
 
 
-def probe(path: str | Path) -> tuple[int, float]:
+def probe(source: VideoSource) -> tuple[int, float]:
     """(frame count, average fps) of the first video stream, from the container's header."""
-    path = Path(path)
-    av, container = _open(path)
+    path = _name(source)
+    av, container = _open(source)
     with container:
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or 0)
@@ -129,16 +146,27 @@ def _is_constant_rate(stream) -> bool:
     return bool(avg and base and abs(float(avg) - float(base)) < 1e-3 * float(base))
 
 
-def read_frames(path: str | Path, indices: Sequence[int], fps: float) -> list[Image.Image]:
-    """Decode the frames at `indices` (increasing, counted in decode order).
+def frame_size(source: VideoSource) -> tuple[int, int]:
+    """(width, height) of the first video stream, from the header (no frame decoded)."""
+    _, container = _open(source)
+    with container:
+        ctx = container.streams.video[0].codec_context
+        return int(ctx.width), int(ctx.height)
+
+
+def iter_frames(source: VideoSource, indices: Sequence[int], fps: float) -> Iterator[Image.Image]:
+    """Yield the RGB frames at `indices` (increasing, counted in decode order), one at a time.
 
     Dense picks (less than ~2 s apart) and variable-frame-rate files are decoded straight through, counting
     frames; sparse picks from a constant-rate file seek to the keyframe before each frame, then decode
-    forward to the exact timestamp (a seek lands on a keyframe, not on the frame asked for)."""
-    path = Path(path)
-    av, container = _open(path)
-    wanted = sorted(set(int(i) for i in indices))
-    out: dict[int, Image.Image] = {}
+    forward to the exact timestamp (a seek lands on a keyframe, not on the frame asked for). Frames the
+    header promised but the file does not hold (a truncated or corrupt tail) repeat the last decoded one."""
+    path = _name(source)
+    av, container = _open(source)
+    wanted = [int(i) for i in indices]
+    if any(b <= a for a, b in zip(wanted, wanted[1:])):
+        raise VideoInputError(f"{path}: frame indices must increase")
+    done, last = 0, None
     with container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -150,39 +178,69 @@ def read_frames(path: str | Path, indices: Sequence[int], fps: float) -> list[Im
                 for idx in wanted:
                     target = start + int(round(idx / fps / tb))
                     container.seek(target, stream=stream, backward=True, any_frame=False)
+                    found = None
                     for frame in container.decode(stream):
                         if frame.pts is None or frame.pts >= target - 0.5 / fps / tb:
-                            out[idx] = frame.to_image()
+                            found = frame.to_image().convert("RGB")
                             break
+                    if found is None:
+                        break
+                    last, done = found, done + 1
+                    yield found
             else:
                 index = -1
                 for frame in container.decode(stream):
                     index += 1
-                    if index in wanted and index not in out:
-                        out[index] = frame.to_image()
-                        if len(out) == len(wanted):
+                    if index == wanted[done]:
+                        last, done = frame.to_image().convert("RGB"), done + 1
+                        yield last
+                        if done == len(wanted):
                             break
         except av.error.InvalidDataError:
             pass   # a corrupt packet: keep what decoded, fill below
         except av.error.FFmpegError as exc:
-            raise VideoInputError(f"{path}: decoding failed ({exc})") from None
-    if not out:
+            raise VideoInputError(f"{path}: decoding failed ({str(exc)[:80]})") from None
+    if last is None:
         raise VideoInputError(f"{path}: no frame could be decoded")
-    # the header promised frames the file does not hold (truncated or corrupt tail): reuse the nearest earlier one
-    for i in wanted:
-        if i not in out:
-            out[i] = out[max((k for k in out if k < i), default=min(out))]
-    return [out[int(i)].convert("RGB") for i in indices]
+    for _ in range(done, len(wanted)):
+        yield last
 
 
-def load_video(path: str | Path, *, choose_fps: float = 3.0, force_packing: int | None = None,
+def read_frames(source: VideoSource, indices: Sequence[int], fps: float) -> list[Image.Image]:
+    """All frames at `indices` at once (see `iter_frames`, which holds one at a time)."""
+    return list(iter_frames(source, indices, fps))
+
+
+def plan_video(source: VideoSource, *, choose_fps: float = 3.0, force_packing: int | None = None,
+               max_packing: int = MAX_NUM_PACKING) -> FramePlan:
+    """The frames the recipe takes from a video file, from its header only (nothing decoded)."""
+    n, fps = probe(source)
+    return plan_frames(n, fps, choose_fps=choose_fps, force_packing=force_packing, max_packing=max_packing)
+
+
+def load_video(path: VideoSource, *, choose_fps: float = 3.0, force_packing: int | None = None,
                max_packing: int = MAX_NUM_PACKING) -> Video:
     import time
     t0 = time.perf_counter()
-    n, fps = probe(path)
-    plan = plan_frames(n, fps, choose_fps=choose_fps, force_packing=force_packing, max_packing=max_packing)
-    frames = read_frames(path, plan.indices, fps)
+    plan = plan_video(path, choose_fps=choose_fps, force_packing=force_packing, max_packing=max_packing)
+    frames = read_frames(path, plan.indices, plan.fps)
     return Video(frames, plan, {"video_decode": time.perf_counter() - t0})
+
+
+def plan_timestamps(timestamps: Sequence[float], *, choose_fps: float = 3.0, force_packing: int | None = None,
+                    max_packing: int = MAX_NUM_PACKING) -> FramePlan:
+    """The recipe's plan for frames an app captured at `timestamps` (seconds, increasing); temporal ids from the
+    timestamps themselves."""
+    ts = np.asarray(timestamps, dtype=np.float64)
+    if ts.ndim != 1 or not ts.size:
+        raise VideoInputError("frame timestamps: expected a non-empty list of numbers")
+    if not np.all(np.isfinite(ts)) or np.any(np.diff(ts) <= 0) or ts[0] < 0:
+        raise VideoInputError("frame timestamps must be finite, non-negative and increase")
+    span = ts[-1] - ts[0]
+    fps = (len(ts) - 1) / span if span > 0 else 1.0
+    plan = plan_frames(len(ts), fps, choose_fps=choose_fps, force_packing=force_packing, max_packing=max_packing)
+    ids = [int(round((ts[i] - ts[0]) / TIME_SCALE)) for i in plan.indices]
+    return FramePlan(plan.n_frames, plan.fps, plan.indices, ids, plan.packing)
 
 
 def video_from_images(images: Sequence[Image.Image], timestamps: Sequence[float], *, choose_fps: float = 3.0,
@@ -190,12 +248,5 @@ def video_from_images(images: Sequence[Image.Image], timestamps: Sequence[float]
     """Frames an app already has (camera capture) with their timestamps in seconds, sampled like a file."""
     if len(images) != len(timestamps) or not images:
         raise VideoInputError(f"{len(images)} frames with {len(timestamps)} timestamps")
-    ts = np.asarray(timestamps, dtype=np.float64)
-    if np.any(np.diff(ts) <= 0):
-        raise VideoInputError("frame timestamps must increase")
-    span = ts[-1] - ts[0]
-    fps = (len(ts) - 1) / span if span > 0 else 1.0
-    plan = plan_frames(len(images), fps, choose_fps=choose_fps, force_packing=force_packing, max_packing=max_packing)
-    ids = [int(round((ts[i] - ts[0]) / TIME_SCALE)) for i in plan.indices]
-    plan = FramePlan(plan.n_frames, plan.fps, plan.indices, ids, plan.packing)
+    plan = plan_timestamps(timestamps, choose_fps=choose_fps, force_packing=force_packing, max_packing=max_packing)
     return Video([images[i].convert("RGB") for i in plan.indices], plan)
