@@ -251,12 +251,11 @@ def parse_chat_request(body: Any, opts: ServerOptions, *, thinking_available: bo
     model = _model(body, opts, thinking_available)
     messages = _messages(body, opts)
     max_tokens = _int(body, "max_tokens", 1, opts.max_tokens_limit, None)
-    if max_tokens is None:
-        max_tokens = _int(body, "max_completion_tokens", 1, opts.max_tokens_limit, 512)
+    max_completion_tokens = _int(body, "max_completion_tokens", 1, opts.max_tokens_limit, None)  # the newer name
     return ChatRequest(
         model=model, messages=messages, thinking=model.endswith("-thinking"),
         stream=bool(_field(body, "stream", (bool,), False)),
-        max_tokens=max_tokens,
+        max_tokens=max_tokens or max_completion_tokens or 512,
         temperature=_number(body, "temperature", 0, 2),
         top_p=_number(body, "top_p", 0, 1, lo_open=True),
         seed=_int(body, "seed", 0, 2 ** 63 - 1, None),

@@ -109,13 +109,15 @@ def _read_local(path: str, field: str, cap: int, policy: SourcePolicy) -> bytes:
         fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except (OSError, ValueError, RuntimeError):
         raise refused from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):     # a folder, a device, a FIFO
             raise refused
-        try:
+        with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(cap + 1)
-        except OSError:
-            raise refused from None
+    except OSError:
+        raise refused from None
+    finally:
+        os.close(fd)
     if len(data) > cap:
         raise SourceError(413, f"{field}: the file is over the limit of {cap:,} bytes")
     return data

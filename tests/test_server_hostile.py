@@ -310,7 +310,8 @@ def build_corpus(canary: Path, origins: dict) -> list[tuple[str, object, int, bo
     tall = _data_url(_raw_png(1, 100_000, zlib.compress(b"\0\x80\x80\x80" * 100_000)))
     taller = _data_url(_raw_png(1, 200_704, zlib.compress(b"\0\x80\x80\x80" * 200_704)))
     gif = io.BytesIO()
-    demo_image(32).save(gif, "GIF", save_all=True, append_images=[demo_image(32).rotate(90)])
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(gif, "GIF", save_all=True,
+                                                 append_images=[Image.new("RGB", (32, 32), (0, 0, 200))])
     for name, src in {"1x100000 png": tall, "1x200704 png": taller, "animated gif": _data_url(gif.getvalue(), "image/gif")}.items():
         for shape, part in _part_shapes(src)[:4] + _part_shapes(src)[6:]:
             add(f"{name} via {shape}", _with_part(part), 400)
