@@ -122,9 +122,15 @@ def main() -> int:
             t.start()
         time.sleep(min(args.warmup, args.seconds / 4))
         rss_after_warmup = _rss_mb(server.pid)
-        rss_samples = []
+        rss_samples, health_s = [], []
         while any(t.is_alive() for t in threads):
             rss_samples.append(_rss_mb(server.pid))
+            t0 = time.perf_counter()
+            try:
+                httpx.get(base + "/health", timeout=30)
+                health_s.append(time.perf_counter() - t0)
+            except httpx.HTTPError:
+                health_s.append(float("inf"))
             time.sleep(2)
         for t in threads:
             t.join()
@@ -138,7 +144,8 @@ def main() -> int:
         report = {"clients": args.clients, "seconds": args.seconds, "statuses": statuses, "client_errors": len(errors),
                   "ok_requests": len(lat), "latency_s": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)},
                   "rss_mb": {"after_warmup": rss_after_warmup, "max": max(rss_samples or [rss_end]), "end": rss_end},
-                  "rss_growth_after_warmup": growth, "server_alive": alive, "healthy_after": healthy}
+                  "rss_growth_after_warmup": growth, "health_max_s": max(health_s or [float("nan")]),
+                  "server_alive": alive, "healthy_after": healthy}
         print(json.dumps(report, indent=2))
         if args.json:
             args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -3,6 +3,7 @@ bad requests that must each get a clear 4xx while the server keeps answering."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -27,16 +28,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-LIVE: dict = {}    # the model behind the module's server (tests that must make generation long reach it here)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_bundle):
-    from minicpmv_edge.runtime.server import ServerOptions, create_app, make_server
-    model = minicpmv_edge.load(tiny_bundle("4.5"), llm="Q4_K_M")
-    LIVE["model"] = model
-    opts = ServerOptions(name="tiny", max_queue=4, max_body_bytes=4 * 2 ** 20, max_image_bytes=2 * 2 ** 20,
-                         max_images=8, header_timeout_s=1.0, body_timeout_s=1.0)
+@contextlib.contextmanager
+def serving(model, opts):
+    """The app on a free loopback port, in a thread, with the production server settings (make_server);
+    yields the base URL once /health answers."""
+    from minicpmv_edge.runtime.server import create_app, make_server
     port = _free_port()
     srv = make_server(create_app(model, opts), "127.0.0.1", port, opts, log_level="error")
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -48,9 +44,25 @@ def server(tiny_bundle):
                 break
         except httpx.HTTPError:
             time.sleep(0.1)
-    yield base
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield base
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+LIVE: dict = {}    # the model behind the module's server (tests that must make generation long reach it here)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle):
+    from minicpmv_edge.runtime.server import ServerOptions
+    model = minicpmv_edge.load(tiny_bundle("4.5"), llm="Q4_K_M")
+    LIVE["model"] = model
+    opts = ServerOptions(name="tiny", max_queue=4, max_body_bytes=4 * 2 ** 20, max_image_bytes=2 * 2 ** 20,
+                         max_images=8, header_timeout_s=1.0, body_timeout_s=1.0)
+    with serving(model, opts) as base:
+        yield base
     model.close()
 
 
@@ -402,3 +414,44 @@ def test_slow_headers_and_slow_bodies_are_cut_off(server):
     print(f"\nslow head closed after {waited:.2f} s; slow body: {status_line!r}")
     assert 0.5 < waited < 5
     assert reply.startswith(b"HTTP/1.1 408") and b'"error"' in reply
+
+
+def _png_bytes(size=(64, 48)) -> bytes:
+    buf = io.BytesIO()
+    demo_image(448).resize(size).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_recipe_numbers_4_5_packing_and_image_ids(server):
+    """4.5 video: the recipe packs at most 3 frames per block on its own (MAX_NUM_PACKING), up to 6 when asked;
+    an image after a video is numbered after every frame tag, as the HF processor counts them."""
+    from minicpmv_edge.runtime.session import VideoInput
+    model = LIVE["model"]
+    frame = _png_bytes()
+    n = 601                                                    # 200 s at 3 fps: the recipe wants packing 4
+    long = {"frames": [frame] * n, "timestamps": [i / 3 for i in range(n)]}
+    planned = model._plan_video(VideoInput(long, 3.0, None), 0)
+    assert planned.frames.packing == 3 and planned.blocks == 180
+    asked = model._plan_video(VideoInput(long, 3.0, 6), 0)
+    assert asked.frames.packing == 6 and asked.blocks == -(-len(asked.frames.indices) // 6)
+    msgs = [{"role": "user", "content": [
+        VideoInput({"frames": [frame, frame], "timestamps": [0.0, 0.5]}, 3.0, None),
+        {"type": "image", "image": frame}, {"type": "text", "text": "compare"}]}]
+    segments = model.prepare(msgs)
+    ids = [t for seg in segments if not hasattr(seg, "rows") for t in seg]
+    text = model.decoder.detokenize(ids, special=True)
+    assert "<image_id>2</image_id>" in text and "<image_id>0</image_id>" not in text
+
+
+def test_recipe_numbers_2_6_video_frames_sliced_by_two(tiny_bundle):
+    """2.6 feeds video frames as images with max_slice_nums = 2 and no image ids: a 900x600 frame becomes its
+    overview + a 2x1 grid (3 blocks)."""
+    from minicpmv_edge.runtime.session import VideoInput
+    model = minicpmv_edge.load(tiny_bundle("2.6"), llm="Q4_K_M")
+    try:
+        frame = _png_bytes((900, 600))
+        planned = model._plan_video(VideoInput({"frames": [frame], "timestamps": [0.0]}, 3.0, None), 0)
+        assert planned.frame_grids == [(2, 1)] and planned.blocks == 3
+        assert "<image_id>" not in planned.placeholder and planned.placeholder.count("<slice>") == 2
+    finally:
+        model.close()

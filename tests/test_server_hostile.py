@@ -28,14 +28,9 @@ from PIL import Image
 
 import minicpmv_edge
 from minicpmv_edge.demo import demo_image
+from test_server import serving  # noqa: E402 (tests/ is on sys.path under pytest)
 
 uvicorn = pytest.importorskip("uvicorn")
-
-
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _png(img: Image.Image) -> bytes:
@@ -168,7 +163,7 @@ def canary(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def live(tiny_bundle, origins):
-    from minicpmv_edge.runtime.server import ServerOptions, create_app, make_server
+    from minicpmv_edge.runtime.server import ServerOptions
     model = minicpmv_edge.load(tiny_bundle("4.5"), llm="Q4_K_M")
     vit_runs = {"n": 0}
     encode = model.vision.encode
@@ -181,20 +176,8 @@ def live(tiny_bundle, origins):
                          max_video_bytes=2 * 2 ** 20, max_images=8, max_frames=64,
                          allow_remote_urls=True, remote_allow_hosts=("127.0.0.1", "rebind.test", "127.0.0.2"),
                          remote_trusted_networks=("127.0.0.1/32",), remote_timeout_s=2.0)
-    port = _free_port()
-    srv = make_server(create_app(model, opts), "127.0.0.1", port, opts, log_level="error")
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    yield {"base": base, "model": model, "vit_runs": vit_runs}
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(model, opts) as base:
+        yield {"base": base, "model": model, "vit_runs": vit_runs}
     model.close()
 
 
