@@ -455,3 +455,14 @@ def test_recipe_numbers_2_6_video_frames_sliced_by_two(tiny_bundle):
         assert "<image_id>" not in planned.placeholder and planned.placeholder.count("<slice>") == 2
     finally:
         model.close()
+
+
+def test_worker_exceptions_are_logged_and_answered_in_the_error_shape(server, caplog, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+    monkeypatch.setattr(LIVE["model"], "chat", broken)
+    with caplog.at_level("ERROR", logger="minicpmv_edge.server"):
+        r = httpx.post(server + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert any(rec.exc_info and rec.exc_info[0] is ZeroDivisionError for rec in caplog.records)

@@ -520,3 +520,17 @@ def test_local_files_confined_to_allowed_folders(tmp_path, canary):
     with pytest.raises(SourceError, match="over the limit") as exc:
         read(str(allowed / "big.bin"))
     assert exc.value.status == 413
+
+
+def test_pixel_cap_is_the_documented_one():
+    """DEFAULT_MAX_PIXELS (178 956 970, Pillow's own hard limit) is the one cap: a 10000x10000 header (over Pillow's
+    89 478 485 warning threshold) is accepted, 13400x13400 is refused, both from the header alone."""
+    from minicpmv_edge.runtime.images import ImageInputError, open_header
+    from minicpmv_edge.runtime.preprocess import DEFAULT_MAX_PIXELS
+    assert DEFAULT_MAX_PIXELS == 2 * Image.MAX_IMAGE_PIXELS == 178_956_970
+    assert open_header(_raw_png(10_000, 10_000), "big", DEFAULT_MAX_PIXELS).size == (10_000, 10_000)
+    with pytest.raises(ImageInputError, match="over the limit|bomb"):
+        open_header(_raw_png(13_400, 13_400), "bigger", DEFAULT_MAX_PIXELS)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with pytest.raises(ImageInputError, match="supported format"):
+        open_header(eps, "eps", DEFAULT_MAX_PIXELS)
