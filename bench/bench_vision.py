@@ -48,7 +48,7 @@ from typing import Callable
 
 import numpy as np
 
-from minicpmv_edge.runtime.benchmark import cpu_name
+from minicpmv_edge.workflows.benchmark import cpu_name
 
 ROOT = Path(__file__).resolve().parent
 

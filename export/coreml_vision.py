@@ -57,7 +57,7 @@ def coreml_file_name(name: str, precision: str) -> str:
     return f"vision-{name}-{precision}.mlpackage"
 
 
-def _ct():
+def coremltools_module():
     """coremltools, with its Linux import noise (no libcoremlpython, untested torch version) silenced."""
     logging.getLogger("coremltools").setLevel(logging.ERROR)
     with warnings.catch_warnings():
@@ -152,7 +152,7 @@ def convert_coreml(source: Checkpoint | str | Path | SliceVisionModel, *, shapes
 
     fp32_ops: MIL op types kept in fp32 (e.g. ("layer_norm", "softmax")); default none: the Neural Engine
     computes in fp16 anyway, and CoreML accuracy cannot be measured on Linux."""
-    ct = _ct()
+    ct = coremltools_module()
     if isinstance(source, SliceVisionModel):
         module = source.eval()
     else:
@@ -248,7 +248,7 @@ def inspect_mlpackage(path: str | Path) -> dict[str, Any]:
     enumerated shapes), outputs, op counts, and how the weights of every linear/conv op are stored
     (`weights`: "float16", or "<constexpr op>:<input>=<stored dtype>,..." e.g.
     "constexpr_lut_to_dense:indices=uint8,lut=float16[16]": 4-bit indices packed in bytes, 16 palette entries)."""
-    ct = _ct()
+    ct = coremltools_module()
     from coremltools.proto import FeatureTypes_pb2
 
     path = Path(path)
@@ -318,7 +318,7 @@ def parity_coreml(path: str | Path, ckpt: Checkpoint, grids: Sequence[tuple[int,
     Same result layout as onnx_vision.parity. Raises on other platforms: CoreML cannot predict there."""
     if sys.platform != "darwin":
         raise MiniCPMVEdgeError("CoreML prediction needs macOS; on Linux only the spec can be checked")
-    ct = _ct()
+    ct = coremltools_module()
     from minicpmv_edge.runtime.preprocess import position_bucket_ids
 
     ml = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.CPU_ONLY)

@@ -24,7 +24,7 @@ FLOAT_OUTPUTS = ("F32", "F16", "BF16")
 NEEDS_IMATRIX = frozenset({"IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"})
 
 
-def _ftype(qtype: str) -> int:
+def llama_ftype(qtype: str) -> int:
     import llama_cpp
     value = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}", None)
     if value is None:
@@ -83,7 +83,7 @@ def quantize_gguf(src: str | Path, dst: str | Path, qtype: str, *, nthread: int 
     if not src.is_file():
         raise MiniCPMVEdgeError(f"{src}: file not found")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = _ftype(qtype)
+    params.ftype = llama_ftype(qtype)
     params.nthread = nthread or os.cpu_count() or 1
     tmp = dst.with_name(dst.name + ".partial")
     try:

@@ -13,7 +13,7 @@ from minicpmv_edge.errors import CheckpointError, MiniCPMVEdgeError
 from minicpmv_edge.export.checkpoint import Checkpoint
 from minicpmv_edge.export.gguf_llm import write_llm_gguf
 from minicpmv_edge.export.gguf_mmproj import write_mmproj_gguf
-from minicpmv_edge.export.pipeline import export_checkpoint
+from minicpmv_edge.workflows.pipeline import export_checkpoint
 from minicpmv_edge.quantize.gguf_ladder import LADDER, describe_gguf, quantize_gguf
 from minicpmv_edge.runtime import llamacpp_log
 
@@ -192,7 +192,7 @@ def test_mmproj_llama_cpp_clip_matches_torch_reference(exported, version, tmp_pa
     reference, per token row, for a 448×448 image. At 448×448 llama.cpp does not slice or resize, and the 32×32
     grid has identical position buckets in llama.cpp (floor) and HF (bucketize), so no preprocessing
     difference applies."""
-    from minicpmv_edge.demo import demo_image
+    from minicpmv_edge.workflows.demo import demo_image
     from minicpmv_edge.export.reference import MiniCPMVReference
     from minicpmv_edge.runtime.llamacpp_clip import LlamaCppClip
     from minicpmv_edge.runtime.preprocess import position_bucket_ids

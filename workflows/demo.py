@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out.resolve()   # file URIs (llama.cpp's image path) need an absolute path
 
     from minicpmv_edge.export.checkpoint import Checkpoint
-    from minicpmv_edge.export.pipeline import export_checkpoint
+    from minicpmv_edge.workflows.pipeline import export_checkpoint
     from minicpmv_edge.export.reference import MiniCPMVReference
     from minicpmv_edge.export.synth import synthesize
 
@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(image_path)}},
                                              {"type": "text", "text": QUESTION}]}]
 
-    import minicpmv_edge
+    from minicpmv_edge.runtime.bundle import load
     t = _step(f"runtime (no torch), F32 GGUF: {QUESTION!r} about {image_path}")
-    model = minicpmv_edge.load(bundle, llm="F32", exact=True)
+    model = load(bundle, llm="F32", exact=True)
     answer = model.chat(messages, greedy=True, max_tokens=args.max_tokens)
     tm = answer.timings
     print(f"    {answer.text!r}")

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from minicpmv_edge.errors import MiniCPMVEdgeError
 
-from .checkpoint import Checkpoint
-from .gguf_llm import FLOAT_TYPES, write_llm_gguf
-from .gguf_mmproj import MMPROJ_TYPES, write_mmproj_gguf
+from minicpmv_edge.export.checkpoint import Checkpoint
+from minicpmv_edge.export.gguf_llm import FLOAT_TYPES, write_llm_gguf
+from minicpmv_edge.export.gguf_mmproj import MMPROJ_TYPES, write_mmproj_gguf
 
 DEFAULT_LLM_TYPES = ("F16", "Q4_K_M", "Q8_0")
 
@@ -60,7 +60,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types:
                       resampler_types: list[str] | None = None, coreml_types: list[str] | None = None,
                       name: str | None = None, threads: int | None = None, progress: bool = False,
                       bundle: bool = True) -> ExportResult:
-    from minicpmv_edge.quantize.gguf_ladder import LADDER, _ftype, ladder_name, quantize_gguf
+    from minicpmv_edge.quantize.gguf_ladder import LADDER, llama_ftype, ladder_name, quantize_gguf
 
     ckpt = Checkpoint.open(checkpoint)
     out_dir = Path(out_dir)
@@ -70,7 +70,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types:
     mmproj_types = ["F16"] if mmproj_types is None else list(mmproj_types)
     for t in llm_types:
         if t not in FLOAT_TYPES:
-            _ftype(t)   # raises for unknown quant types before any work starts
+            llama_ftype(t)   # raises for unknown quant types before any work starts
     if coreml_types:
         from minicpmv_edge.quantize.coreml_compress import variant_name
         coreml_types = [variant_name(t) for t in coreml_types]   # likewise for CoreML variants
@@ -116,7 +116,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types:
     int8 = [t for t in vision_types if t not in ("fp32", "fp16")]
     float_arts = []
     if float_vision:
-        from .onnx_vision import export_vision_onnx
+        from minicpmv_edge.export.onnx_vision import export_vision_onnx
         t0 = time.perf_counter()
         float_arts = export_vision_onnx(ckpt, out_dir, name, precisions=float_vision)
         for art in float_arts:
@@ -136,14 +136,14 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types:
         result.seconds["coreml"] = time.perf_counter() - t0
     result.files.update({k: a.path for k, a in result.artifacts.items()})
     for dtype in ([] if resampler_types is None else resampler_types):
-        from .resampler_weights import write_resampler_weights
+        from minicpmv_edge.export.resampler_weights import write_resampler_weights
         result.files[f"resampler:{dtype}"] = write_resampler_weights(ckpt, out_dir / f"resampler-{name}-{dtype}.mvr",
                                                                      dtype)
     unknown = [t for t in quant if t not in LADDER]
     if unknown:
         result.notes.append(f"types outside the tested ladder: {', '.join(unknown)}")
     if bundle:
-        from .bundle import measure_vision_parity, write_manifest
+        from minicpmv_edge.export.bundle import measure_vision_parity, write_manifest
         vision_files = [p for k, p in result.files.items() if k.startswith("vision:")]
         t0 = time.perf_counter()
         parity = measure_vision_parity(vision_files, ckpt) if vision_files else {}
@@ -158,7 +158,7 @@ def _export_coreml(ckpt: Checkpoint, out_dir: Path, name: str, types: list[str])
     compressed from the fp16 base when it is asked for too). `types` are already `variant_name`s."""
     from minicpmv_edge.quantize.coreml_compress import compress_vision_coreml
 
-    from .coreml_vision import export_vision_coreml
+    from minicpmv_edge.export.coreml_vision import export_vision_coreml
     names = list(dict.fromkeys(types))
     arts = [export_vision_coreml(ckpt, out_dir, name)] if "fp16" in names else []
     variants = [v for v in names if v != "fp16"]
