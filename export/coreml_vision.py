@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from minicpmv_edge.errors import MiniCPMVEdgeError
+from minicpmv_edge.runtime.bundle import FileKind, file_name
 
 from .checkpoint import Checkpoint
 from .onnx_vision import IO, SliceVisionModel, random_slice, reference_output, cosine_rows, EXPORT_PARITY_GRIDS
@@ -54,7 +55,7 @@ DEFAULT_TARGET = "iOS17"
 
 
 def coreml_file_name(name: str, precision: str) -> str:
-    return f"vision-{name}-{precision}.mlpackage"
+    return file_name(FileKind.VISION_COREML, name, precision)
 
 
 def coremltools_module():
@@ -109,6 +110,13 @@ class CoremlArtifact:
     grids: tuple[tuple[int, int], ...] = ()
     quant: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+
+    def record(self):
+        """How the manifest lists this package (export/bundle.py)."""
+        from .bundle import BundleFileSpec
+        return BundleFileSpec(self.path, FileKind.VISION_COREML, self.precision,
+                              {"format": "mlpackage", "graph": "vision", "quant": self.quant, "io": self.io,
+                               "minimum_deployment_target": self.target})
 
     @property
     def io(self) -> dict[str, Any]:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minicpmv_edge.errors import MiniCPMVEdgeError
+from minicpmv_edge.runtime.bundle import file_name, graph_of_outputs, kind_of_graph
 from minicpmv_edge.runtime.vision import VisionIO
 
 from .checkpoint import Checkpoint
@@ -76,9 +77,8 @@ EXTERNAL_DATA_THRESHOLD = 2 ** 31 - 2 ** 26
 
 
 def onnx_file_name(name: str, precision: str, graph: str = "vision") -> str:
-    """`vision-<name>-<precision>.onnx` / `vision-resampler-<name>-<precision>.onnx`."""
-    stem = "vision" if graph == "vision" else "vision-resampler"
-    return f"{stem}-{name}-{precision}.onnx"
+    """`vision-<name>-<precision>.onnx` / `vision-resampler-<name>-<precision>.onnx` (runtime/bundle.py's table)."""
+    return file_name(kind_of_graph(graph), name, precision)
 
 
 # =============================================================================================
@@ -189,6 +189,15 @@ class OnnxArtifact:
     @property
     def size(self) -> int:
         return sum(p.stat().st_size for p in self.files)
+
+    def record(self):
+        """How the manifest lists this file (export/bundle.py)."""
+        from .bundle import BundleFileSpec, onnx_io
+        extra: dict[str, Any] = {"graph": self.graph, "format": "onnx", "fused_ops": self.fused}
+        if self.quant:
+            extra["quant"] = self.quant
+        extra["io"] = onnx_io(self.graph)
+        return BundleFileSpec(self.path, kind_of_graph(self.graph), self.precision, extra, self.files[1:])
 
 
 def _initializer_bytes(model) -> int:
@@ -358,7 +367,7 @@ def convert_fp16(src: str | Path, out_path: str | Path, *, keep_fp32: Sequence[s
     model = OnnxModel(onnx.load(str(src)))
     model.convert_float_to_float16(keep_io_types=True, op_block_list=list(keep_fp32) or None)
     counts = op_counts(model.model)
-    graph = "vision_resampler" if any(o.name == IO.IMAGE_EMBEDS.value for o in model.model.graph.output) else "vision"
+    graph = graph_of_outputs(o.name for o in model.model.graph.output)
     files = save_onnx(model.model, out_path, external=external)
     return OnnxArtifact(Path(out_path), graph, "fp16", files, counts, _fused(counts), tuple(keep_fp32),
                         seconds=time.perf_counter() - t0,
@@ -479,7 +488,7 @@ def parity(model_path: str | Path, ckpt: Checkpoint, grids: Sequence[tuple[int, 
     Returns {"reference": "torch", "grids": [{"grid": [h, w], "min_cosine", "mean_cosine", "max_abs"}...],
     "min_cosine": worst row over all grids, "mean_cosine"}."""
     sess = session if session is not None else ort_session(model_path)
-    graph = "vision_resampler" if any(o.name == IO.IMAGE_EMBEDS.value for o in sess.get_outputs()) else "vision"
+    graph = graph_of_outputs(o.name for o in sess.get_outputs())
     tower, resampler = modules if modules is not None else reference_modules(ckpt)
     p, side = ckpt.vision.patch_size, ckpt.vision.num_patches_per_side
     rows = []

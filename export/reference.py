@@ -29,13 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from minicpmv_edge.facts import IMAGE_TOKENS
-from minicpmv_edge.runtime.preprocess import image_placeholder, preprocess_image
-from minicpmv_edge.runtime.prompt import image_spans
+from minicpmv_edge.runtime.preprocess import preprocess_image
+from minicpmv_edge.runtime.prompt import IMAGE_TAG, image_placeholder, image_spans
 
 from .checkpoint import Checkpoint, ResamplerConfig, VisionConfig
 
-# The user-side image tag `model.chat()` writes for every PIL image in a message (T45-model `chat`).
-IMAGE_TAG = "(<image>./</image>)"
 
 
 def _t(array: np.ndarray) -> torch.Tensor:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Mapping
 
+from minicpmv_edge.errors import UnknownVersionError
+
 # Special tokens by role. Ids are never stored: they are resolved from the shipped tokenizer.
 IMAGE_TOKENS = MappingProxyType({
     "image_start": "<image>",
@@ -242,9 +244,11 @@ MODEL_FACTS: Mapping[str, ModelFacts] = MappingProxyType({f.version: f for f in 
 
 SUPPORTED_VERSIONS = tuple(v for v, f in MODEL_FACTS.items() if f.supported)
 
-
-class UnknownVersionError(ValueError):
-    pass
+# Bounds that readers of bundles and requests check against, derived from the table (a new version moves them).
+MAX_SLICE_NUMS = max(f.max_slice_nums for f in MODEL_FACTS.values())
+SLICING_VARIANTS = tuple(dict.fromkeys(f.slicing for f in MODEL_FACTS.values()))
+# every special-token role a version may name (the glossary: docs/glossary.md)
+SPECIAL_TOKEN_ROLES = (*IMAGE_TOKENS, *CHATML_TOKENS, *THINK_TOKENS)
 
 
 def normalize_version(raw: object) -> str:

@@ -17,15 +17,10 @@ from typing import Any, Mapping, Sequence
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from minicpmv_edge.errors import MiniCPMVEdgeError
+from minicpmv_edge.errors import PromptError
 
-from .preprocess import image_placeholder
-
+# The user-side image tag HF `model.chat()` writes for every image in a message (docs/prompt.md).
 IMAGE_TAG = "(<image>./</image>)"
-
-
-class PromptError(MiniCPMVEdgeError):
-    pass
 
 
 def _raise(message: str):
@@ -63,6 +58,24 @@ def render(fmt: PromptFormat, messages: Sequence[Mapping[str, Any]], *, enable_t
                                bos_token=fmt.bos_token or "", eos_token=fmt.eos_token or "", **extra)
     except TemplateError as exc:
         raise PromptError(f"chat template error: {exc}") from None
+
+
+def image_placeholder(grid: tuple[int, int] | None, image_index: int, *, use_image_id: bool, query_num: int,
+                      tokens: Mapping[str, str]) -> str:
+    """HF `get_slice_image_placeholder` (arch §6.1): `[<image_id>i</image_id>]<image>` + pad*query_num +
+    `</image>`, then, if sliced, `rows` lines of `cols` x `<slice>` + pad*query_num + `</slice>` joined by "\\n".
+
+    `tokens` is `facts.special_tokens` (roles image_start, image_end, slice_start, slice_end,
+    image_id_start, image_id_end, image_pad).
+    """
+    pad = tokens["image_pad"] * query_num
+    text = f"{tokens['image_id_start']}{image_index}{tokens['image_id_end']}" if use_image_id else ""
+    text += tokens["image_start"] + pad + tokens["image_end"]
+    if grid is not None:
+        cols, rows = grid
+        row = (tokens["slice_start"] + pad + tokens["slice_end"]) * cols
+        text += "\n".join([row] * rows)
+    return text
 
 
 def image_text(grid: tuple[int, int] | None, index: int, fmt: PromptFormat, *, use_image_id: bool | None = None) -> str:

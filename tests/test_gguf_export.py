@@ -13,6 +13,7 @@ from minicpmv_edge.errors import CheckpointError, MiniCPMVEdgeError
 from minicpmv_edge.export.checkpoint import Checkpoint
 from minicpmv_edge.export.gguf_llm import write_llm_gguf
 from minicpmv_edge.export.gguf_mmproj import write_mmproj_gguf
+from minicpmv_edge.runtime.bundle import FileKind
 from minicpmv_edge.workflows.pipeline import export_checkpoint
 from minicpmv_edge.quantize.gguf_ladder import LADDER, describe_gguf, quantize_gguf
 from minicpmv_edge.runtime import llamacpp_log
@@ -181,7 +182,7 @@ def test_k_quant_fallback_is_reported(tmp_path, monkeypatch):
     res = export_checkpoint(out, tmp_path / "exp", llm_types=["Q4_K_M"], mmproj_types=[])
     print("\n" + "\n".join(res.notes))
     assert any(n.startswith("Q4_K_M: llama.cpp used") for n in res.notes), res.notes
-    counts, _, _ = describe_gguf(res.files["llm:Q4_K_M"])
+    counts, _, _ = describe_gguf(res.path(FileKind.LLM_GGUF, "Q4_K_M"))
     assert set(counts) & {"Q5_0", "Q5_1", "Q8_0", "IQ4_NL"}
     assert not (tmp_path / "exp" / "odd-F16.gguf").exists()   # the temporary F16 is removed
 

@@ -306,6 +306,7 @@ def test_worked_examples():
 
 
 def test_image_placeholder():
+    from minicpmv_edge.runtime import prompt as pp      # prompt text: lives with the prompt code
     f = MODEL_FACTS["2.6"]
     pad = "<unk>" * 64
     one = pp.image_placeholder(None, 0, use_image_id=True, query_num=64, tokens=f.special_tokens)
