@@ -46,7 +46,7 @@ class BundleFileSpec:
     path: Path
     kind: str
     precision: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)     # FileEntry's optional fields: quant, graph, io, ...
+    extra: dict[str, Any] = field(default_factory=dict)     # how it was made: FileEntry's optional fields by name
     external_data: list[Path] = field(default_factory=list)  # ONNX weights stored beside the graph
 
 
@@ -79,15 +79,19 @@ def file_entry(root: Path, spec: BundleFileSpec) -> FileEntry:
         raise MiniCPMVEdgeError(f"{path}: unknown file kind {spec.kind!r} (known: {', '.join(KINDS)})")
     if not path.exists():
         raise MiniCPMVEdgeError(f"{path}: file not found (cannot list it in the manifest)")
+    unknown = set(spec.extra) - {name for name, *_ in FileEntry.schema()}
+    if unknown:
+        raise MiniCPMVEdgeError(f"{path}: {', '.join(sorted(unknown))}: not manifest fields (docs/bundle.md)")
     rel = _rel(path, root)
-    where = Where(path)
-    extra = {k: (Parity.from_dict(v, where) if k == "parity" and v is not None else v) for k, v in spec.extra.items()}
     external = [_record(root, _locate(root, p)) for p in spec.external_data] or None
     if path.is_dir():
         contents = [_record(root, p) for p in sorted(path.rglob("*")) if p.is_file()]
-        return FileEntry(rel, spec.kind, sum(c.size for c in contents), tree_digest(contents, rel), spec.precision,
-                         external, contents, **extra)
-    return FileEntry(rel, spec.kind, path.stat().st_size, sha256_file(path), spec.precision, external, **extra)
+        entry = FileEntry(rel, spec.kind, sum(c.size for c in contents), tree_digest(contents, rel), spec.precision,
+                          external, contents)
+    else:
+        entry = FileEntry(rel, spec.kind, path.stat().st_size, sha256_file(path), spec.precision, external)
+    # the exporter's description goes through the schema's own check, like everything the reader will see
+    return FileEntry.from_dict({**entry.to_dict(), **spec.extra}, Where(path))
 
 
 def records_of(files: Iterable[Any]) -> list[BundleFileSpec]:
@@ -375,17 +379,18 @@ def _reparity(root: Path, m: Manifest, against, report: VerifyReport, grids) -> 
         _compare_parity(rel, recorded, measured, report)
 
 
-def _compare_parity(rel: str, recorded: Parity | None, measured: dict, report: VerifyReport) -> None:
+def _compare_parity(rel: str, recorded: Parity | None, measured_dict: dict, report: VerifyReport) -> None:
+    measured = Parity.from_dict(measured_dict, Where(Path(rel)) / "parity")
     ok = True
     if recorded is not None:
-        diff = abs(measured["min_cosine"] - recorded.min_cosine)
-        ok = diff <= PARITY_TOLERANCE or measured["min_cosine"] >= recorded.min_cosine
+        diff = abs(measured.min_cosine - recorded.min_cosine)
+        ok = diff <= PARITY_TOLERANCE or measured.min_cosine >= recorded.min_cosine
         if not ok:
-            report.problems.append(Problem(rel, f"parity changed: min cosine {measured['min_cosine']:.6f} now, "
+            report.problems.append(Problem(rel, f"parity changed: min cosine {measured.min_cosine:.6f} now, "
                                            f"{recorded.min_cosine:.6f} at export (tolerance {PARITY_TOLERANCE})"))
     report.parity[rel] = {"recorded_min_cosine": recorded.min_cosine if recorded else None,
-                          "measured_min_cosine": measured["min_cosine"],
-                          "measured_mean_cosine": measured["mean_cosine"], "ok": ok}
+                          "measured_min_cosine": measured.min_cosine,
+                          "measured_mean_cosine": measured.mean_cosine, "ok": ok}
 
 
 # =============================================================================================

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from minicpmv_edge.errors import MiniCPMVEdgeError
-from minicpmv_edge.runtime.bundle import FileKind, file_name
+from minicpmv_edge.runtime.bundle import FileKind, Parity, ParityGrid, file_name
 
 from .checkpoint import Checkpoint
 from .onnx_vision import IO, SliceVisionModel, random_slice, reference_output, cosine_rows, EXPORT_PARITY_GRIDS
@@ -115,8 +115,8 @@ class CoremlArtifact:
         """How the manifest lists this package (export/bundle.py)."""
         from .bundle import BundleFileSpec
         return BundleFileSpec(self.path, FileKind.VISION_COREML, self.precision,
-                              {"format": "mlpackage", "graph": "vision", "quant": self.quant, "io": self.io,
-                               "minimum_deployment_target": self.target})
+                              dict(format="mlpackage", graph="vision", quant=self.quant, io=self.io,
+                                   minimum_deployment_target=self.target))
 
     @property
     def io(self) -> dict[str, Any]:
@@ -340,8 +340,8 @@ def parity_coreml(path: str | Path, ckpt: Checkpoint, grids: Sequence[tuple[int,
         got = np.asarray(got, dtype=np.float32).reshape(h * w, -1)
         want = reference_output(tower, None, px)
         cos = cosine_rows(got, want)
-        rows.append({"grid": [h, w], "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
-                     "max_abs": float(np.abs(got - want).max())})
-    return {"reference": "torch (export/reference.py)", "graph": "vision", "runtime": "coreml CPU_ONLY",
-            "grids": rows, "min_cosine": min(r["min_cosine"] for r in rows),
-            "mean_cosine": float(np.mean([r["mean_cosine"] for r in rows]))}
+        rows.append(ParityGrid(grid=[h, w], min_cosine=float(cos.min()), mean_cosine=float(cos.mean()),
+                               max_abs=float(np.abs(got - want).max())))
+    return Parity(reference="torch (export/reference.py)", graph="vision", runtime="coreml CPU_ONLY", grids=rows,
+                  min_cosine=min(r.min_cosine for r in rows),
+                  mean_cosine=float(np.mean([r.mean_cosine for r in rows]))).to_dict()

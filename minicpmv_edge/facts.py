@@ -7,7 +7,7 @@ Numbers that the weights or config.json already hold (widths, layer counts, voca
 facts here; code reads them from the checkpoint. The `reference_dims` of each entry are the real
 model's dimensions, used only to synthesize look-alike checkpoints for benchmarks.
 
-Sources are cited per field in ../shared/research/minicpmv-arch.md (tags in brackets). Values we
+Sources are cited per field in docs/model.md (tags in brackets, defined in its §0). Values we
 could not confirm from a public source are listed in `unverified` and in the README.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ THINK_TOKENS = MappingProxyType({"think_start": "<think>", "think_end": "</think
 
 @dataclass(frozen=True)
 class VisionDims:
-    """SigLIP-so400m NaViT tower, identical in 2.6 / 4.0 / 4.5 [arch §1.2]."""
+    """SigLIP-so400m NaViT tower, identical in 2.6 / 4.0 / 4.5 [docs/model.md §1.2]."""
     hidden_size: int = 1152
     num_hidden_layers: int = 27
     num_attention_heads: int = 16

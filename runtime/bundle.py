@@ -236,14 +236,12 @@ class Section:
     def check(self, where: Where) -> None:
         """Cross-field checks (one field against another)."""
 
+    # optional fields left out of the JSON when unset (the others are written as null)
+    OMIT_WHEN_NONE: typing.ClassVar[frozenset[str]] = frozenset()
+
     def to_dict(self) -> dict[str, Any]:
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if v is None and f.metadata.get("omit_none", True) and f.default is None:
-                continue
-            out[f.name] = _plain(v)
-        return out
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)
+                if not (getattr(self, f.name) is None and f.name in self.OMIT_WHEN_NONE)}
 
 
 def _plain(v: Any) -> Any:
@@ -429,6 +427,7 @@ class FileRecord(Section):
 
 @dataclass
 class ParityGrid(Section):
+    OMIT_WHEN_NONE = frozenset({"max_abs"})
     grid: list[int] = spec(length=2)
     min_cosine: float = spec(lo=-1.0, hi=1.0 + 1e-6)
     mean_cosine: float = spec(lo=-1.0, hi=1.0 + 1e-6)
@@ -438,17 +437,21 @@ class ParityGrid(Section):
 @dataclass
 class Parity(Section):
     """Cosine per output row against the torch reference, measured at export (export/onnx_vision.parity)."""
+    OMIT_WHEN_NONE = frozenset({"runtime"})
     min_cosine: float = spec(lo=-1.0, hi=1.0 + 1e-6)
     mean_cosine: float = spec(lo=-1.0, hi=1.0 + 1e-6)
     grids: list[ParityGrid] = spec(max_len=64)
     reference: str | None = spec(None, max_len=255)
     graph: str | None = spec(None, max_len=64)
+    runtime: str | None = spec(None, max_len=255)       # what ran the file, when not the default backend
 
 
 @dataclass
 class FileEntry(Section):
     """One file (or .mlpackage folder) of the bundle. `sha256` of a folder hashes the sorted list of
     (path inside the folder, sha256) of its `contents` (`tree_digest`)."""
+    OMIT_WHEN_NONE = frozenset({"external_data", "contents", "parity", "graph", "format", "quant", "fused_ops", "io",
+                                "minimum_deployment_target"})
     path: str = spec(**REL_PATH)
     kind: str = spec(choices=KINDS)
     size: int = spec(lo=0, hi=MAX_FILE_BYTES * MAX_CONTENTS)

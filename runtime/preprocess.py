@@ -1,7 +1,7 @@
 """Image preprocessing for MiniCPM-V, torch-free (numpy + Pillow), bit-exact with Hugging Face.
 
 Mirrors `MiniCPMVImageProcessor` of the MiniCPM-V 2.6 / 4.0 / 4.5 remote code (LLaVA-UHD slicing,
-research notes arch §5) and the bucketed NaViT position ids of `MiniCPMVisionEmbeddings` (arch §3.2):
+docs/model.md §5) and the bucketed NaViT position ids of `MiniCPMVisionEmbeddings` (docs/model.md §3.2):
 
 * slicing: Python's banker's `round` in `ensure_divide`, the `W*H > S*S` rule, `allow_upscale` only for
   an un-sliced image and for the refined cells, PIL `Image.Resampling.BICUBIC` on uint8 RGB;

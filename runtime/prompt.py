@@ -62,7 +62,7 @@ def render(fmt: PromptFormat, messages: Sequence[Mapping[str, Any]], *, enable_t
 
 def image_placeholder(grid: tuple[int, int] | None, image_index: int, *, use_image_id: bool, query_num: int,
                       tokens: Mapping[str, str]) -> str:
-    """HF `get_slice_image_placeholder` (arch §6.1): `[<image_id>i</image_id>]<image>` + pad*query_num +
+    """HF `get_slice_image_placeholder` (docs/model.md §6.1): `[<image_id>i</image_id>]<image>` + pad*query_num +
     `</image>`, then, if sliced, `rows` lines of `cols` x `<slice>` + pad*query_num + `</slice>` joined by "\\n".
 
     `tokens` is `facts.special_tokens` (roles image_start, image_end, slice_start, slice_end,

@@ -373,3 +373,19 @@ def test_hostile_listed_file(case_id, edit, target, cmds, base, tmp_path, capsys
     shutil.copytree(base, root, symlinks=True)
     edit(root)
     _expect_one_line(root, cmds, target, capsys)
+
+
+def _schema_names(section: type[Section]) -> set[str]:
+    names = set()
+    for name, hint, *_ in section.schema():
+        names.add(name)
+        for t in [hint, *typing.get_args(hint), *[a for arg in typing.get_args(hint) for a in typing.get_args(arg)]]:
+            if isinstance(t, type) and issubclass(t, Section):
+                names |= _schema_names(t)
+    return names
+
+
+def test_every_schema_field_is_documented():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "bundle.md").read_text()
+    missing = sorted(n for n in _schema_names(Manifest) if f"`{n}`" not in doc and f".{n}`" not in doc)
+    assert not missing, f"docs/bundle.md does not describe: {', '.join(missing)}"

@@ -38,7 +38,7 @@ def exported(tiny_checkpoint, tmp_path_factory):
 
 
 def _llama(path: Path, n_ctx: int = 256):
-    # f32 KV cache and no flash attention: otherwise llama.cpp rounds K/V to f16 (toolchain.md trap 4)
+    # f32 KV cache and no flash attention: otherwise llama.cpp rounds K/V to f16 (docs/toolchain.md #4)
     return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, type_k=0, type_v=0, flash_attn=False,
                            verbose=False, n_threads=2, seed=0)
 
