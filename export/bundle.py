@@ -240,11 +240,10 @@ def measure_vision_parity(paths: Iterable[str | Path], ckpt, grids=None) -> dict
 
 def load_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     """Read manifest.json and check it against the whole schema (runtime/bundle.py's `Manifest`, chat template
-    rendered once); returns the JSON object. Raises BundleError naming the field."""
+    rendered once); returns it as a JSON object. Raises BundleError naming the field."""
     from minicpmv_edge.runtime.bundle import Bundle
 
-    bundle = Bundle.open(bundle_dir)
-    return json.loads(bundle.manifest_path.read_text(encoding="utf-8"))
+    return Bundle.open(bundle_dir).manifest.to_dict()
 
 
 @dataclass
