@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping
 
 from minicpmv_edge import __version__
 from minicpmv_edge.errors import BundleError, MiniCPMVEdgeError
-from minicpmv_edge.runtime.bundle import (KINDS, MANIFEST, ONNX_VISION_KINDS, SCHEMA_VERSION, VISION_KINDS,
+from minicpmv_edge.runtime.bundle import (KINDS, MANIFEST, ONNX_VISION_KINDS, SCHEMA_VERSION,
                                           FileEntry, FileKind, FileRecord, LLMSection, Manifest, ModelSection,
                                           Parity, PreprocessSection, PromptSection, ResamplerSection, SourceSection,
                                           VisionSection, Where, inside, regular_file, sha256_file, tree_digest)
