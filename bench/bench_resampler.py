@@ -9,7 +9,7 @@ timed with warm-up and repetitions; the table gives medians, the ratio to torch 
 the FLOPs each plan does and the rate it reached. Load time (which includes the load-time folding) is a column
 of its own. Native variants: MVE_KERNEL (or --kernel) pins one. Timings on shared VMs vary by +-30 % run to run.
 
-onnxruntime runs the resampler graph of export/onnx_vision.py (`_SliceResampler`, the resampler part of the
+onnxruntime runs the resampler graph of export/onnx_vision.py (`SliceResampler`, the resampler part of the
 "vision_resampler" graph), exported here at the bench's fixed grid; the column says n/a when that module is
 missing or the export fails.
 """
@@ -120,7 +120,7 @@ def onnx_session(module, x: np.ndarray, h: int, w: int, threads: int, tmp: Path)
         import onnxruntime as ort
         import torch
 
-        from minicpmv_edge.export.onnx_vision import _SliceResampler
+        from minicpmv_edge.export.onnx_vision import SliceResampler
     except Exception as exc:  # noqa: BLE001 - the column just says why it is empty
         return None, f"n/a ({type(exc).__name__}: {exc})"
     path = tmp / "resampler.onnx"
@@ -136,7 +136,7 @@ def onnx_session(module, x: np.ndarray, h: int, w: int, threads: int, tmp: Path)
                 class Fixed(torch.nn.Module):
                     def __init__(self):
                         super().__init__()
-                        self.inner = _SliceResampler(module)
+                        self.inner = SliceResampler(module)
 
                     def forward(self, feats):
                         return self.inner(feats, h, w)

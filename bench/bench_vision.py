@@ -8,7 +8,7 @@ clip on our F16 mmproj, one 448x448 slice (32x32 patches), same random weights, 
 Weights: a synthetic MiniCPM-V 4.5 checkpoint written for the bench (`make_bench_checkpoint`): the SigLIP-400M
 tower with synth's fan-in scaled random weights, the resampler at 2560 wide (Qwen3-4B, our edge-4b LLM width)
 and a one-layer LLM of that width, which llama.cpp's mtmd needs to be created against. **Random weights are
-harsher on int8 than trained ones** (no redundancy to exploit; research/toolchain.md §3 measured 0.935 for
+harsher on int8 than trained ones** (no redundancy to exploit; docs/toolchain.md #10: measured 0.935 for
 per-tensor dynamic int8 on HF-init random so400m weights) **and cannot show the activation outliers of trained
 SigLIP**: read the cosines as indicative, and re-measure with real weights before relying on a recipe.
 
@@ -48,7 +48,7 @@ from typing import Callable
 
 import numpy as np
 
-from minicpmv_edge.runtime.benchmark import cpu_name
+from minicpmv_edge.workflows.benchmark import cpu_name
 
 ROOT = Path(__file__).resolve().parent
 

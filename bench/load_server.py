@@ -39,7 +39,7 @@ def _free_port() -> int:
 
 
 def _tiny_bundle(workdir: Path) -> Path:
-    from minicpmv_edge.export.pipeline import export_checkpoint
+    from minicpmv_edge.workflows.pipeline import export_checkpoint
     from minicpmv_edge.export.synth import synthesize
     ckpt = synthesize("4.5", "tiny", workdir / "ckpt")
     export_checkpoint(ckpt, workdir / "bundle", llm_types=["Q4_K_M"], mmproj_types=[], vision_types=["fp32"],

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from minicpmv_edge.errors import MiniCPMVEdgeError
+from minicpmv_edge.runtime.bundle import FileKind, Parity, ParityGrid, file_name
 
 from .checkpoint import Checkpoint
 from .onnx_vision import IO, SliceVisionModel, random_slice, reference_output, cosine_rows, EXPORT_PARITY_GRIDS
@@ -54,10 +55,10 @@ DEFAULT_TARGET = "iOS17"
 
 
 def coreml_file_name(name: str, precision: str) -> str:
-    return f"vision-{name}-{precision}.mlpackage"
+    return file_name(FileKind.VISION_COREML, name, precision)
 
 
-def _ct():
+def coremltools_module():
     """coremltools, with its Linux import noise (no libcoremlpython, untested torch version) silenced."""
     logging.getLogger("coremltools").setLevel(logging.ERROR)
     with warnings.catch_warnings():
@@ -110,6 +111,13 @@ class CoremlArtifact:
     quant: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
+    def record(self):
+        """How the manifest lists this package (export/bundle.py)."""
+        from .bundle import BundleFileSpec
+        return BundleFileSpec(self.path, FileKind.VISION_COREML, self.precision,
+                              dict(format="mlpackage", graph="vision", quant=self.quant, io=self.io,
+                                   minimum_deployment_target=self.target))
+
     @property
     def io(self) -> dict[str, Any]:
         side = "1..%d" % MAX_SIDE if self.shapes == "range" else f"{len(self.grids)} enumerated grids"
@@ -152,7 +160,7 @@ def convert_coreml(source: Checkpoint | str | Path | SliceVisionModel, *, shapes
 
     fp32_ops: MIL op types kept in fp32 (e.g. ("layer_norm", "softmax")); default none: the Neural Engine
     computes in fp16 anyway, and CoreML accuracy cannot be measured on Linux."""
-    ct = _ct()
+    ct = coremltools_module()
     if isinstance(source, SliceVisionModel):
         module = source.eval()
     else:
@@ -248,7 +256,7 @@ def inspect_mlpackage(path: str | Path) -> dict[str, Any]:
     enumerated shapes), outputs, op counts, and how the weights of every linear/conv op are stored
     (`weights`: "float16", or "<constexpr op>:<input>=<stored dtype>,..." e.g.
     "constexpr_lut_to_dense:indices=uint8,lut=float16[16]": 4-bit indices packed in bytes, 16 palette entries)."""
-    ct = _ct()
+    ct = coremltools_module()
     from coremltools.proto import FeatureTypes_pb2
 
     path = Path(path)
@@ -318,7 +326,7 @@ def parity_coreml(path: str | Path, ckpt: Checkpoint, grids: Sequence[tuple[int,
     Same result layout as onnx_vision.parity. Raises on other platforms: CoreML cannot predict there."""
     if sys.platform != "darwin":
         raise MiniCPMVEdgeError("CoreML prediction needs macOS; on Linux only the spec can be checked")
-    ct = _ct()
+    ct = coremltools_module()
     from minicpmv_edge.runtime.preprocess import position_bucket_ids
 
     ml = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.CPU_ONLY)
@@ -332,8 +340,8 @@ def parity_coreml(path: str | Path, ckpt: Checkpoint, grids: Sequence[tuple[int,
         got = np.asarray(got, dtype=np.float32).reshape(h * w, -1)
         want = reference_output(tower, None, px)
         cos = cosine_rows(got, want)
-        rows.append({"grid": [h, w], "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
-                     "max_abs": float(np.abs(got - want).max())})
-    return {"reference": "torch (export/reference.py)", "graph": "vision", "runtime": "coreml CPU_ONLY",
-            "grids": rows, "min_cosine": min(r["min_cosine"] for r in rows),
-            "mean_cosine": float(np.mean([r["mean_cosine"] for r in rows]))}
+        rows.append(ParityGrid(grid=[h, w], min_cosine=float(cos.min()), mean_cosine=float(cos.mean()),
+                               max_abs=float(np.abs(got - want).max())))
+    return Parity(reference="torch (export/reference.py)", graph="vision", runtime="coreml CPU_ONLY", grids=rows,
+                  min_cosine=min(r.min_cosine for r in rows),
+                  mean_cosine=float(np.mean([r.mean_cosine for r in rows]))).to_dict()

@@ -2,7 +2,7 @@
 
     arts = export_vision_onnx("MiniCPM-V-4_5", "bundle/", "MiniCPM-V-4_5", precisions=("fp32", "fp16"))
 
-One graph encodes ONE slice of any size (research arch §3.4: batch 1, no padding mask, like llama.cpp):
+One graph encodes ONE slice of any size (docs/model.md §3.4: batch 1, no padding mask, like llama.cpp):
 
     inputs   pixel_values  float32 [1, 3, 14*h, 14*w]   a normalised slice (runtime.preprocess `Slice.pixels`)
              position_ids  int64   [h, w]               `position_bucket_ids(h, w, 70).reshape(h, w)`
@@ -12,7 +12,7 @@ One graph encodes ONE slice of any size (research arch §3.4: batch 1, no paddin
 The bucketed NaViT position ids are an input computed by the runtime (numpy, bit-exact with HF's float32
 `torch.arange`/`bucketize`, see runtime/preprocess.py), so the graph holds no arange quirks; its shape
 [h, w] also carries the patch grid, from which the resampler graph builds its 2D sincos keys in-graph
-(integer coordinates, no interpolation, arch §4.1). h and w are dynamic; any grid works, the 70x70
+(integer coordinates, no interpolation, docs/model.md §4.1). h and w are dynamic; any grid works, the 70x70
 learned table is indexed only through the ids.
 
 The graph is exported with torch.export (opset 18, attention written with plain MatMul/Softmax so every
@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from minicpmv_edge.errors import MiniCPMVEdgeError
+from minicpmv_edge.runtime.bundle import (FILE_KINDS, ONNX_VISION_KINDS, Parity, ParityGrid, file_name,
+                                          graph_of_outputs, kind_of_graph)
 from minicpmv_edge.runtime.vision import VisionIO
 
 from .checkpoint import Checkpoint
@@ -56,7 +58,7 @@ IO = VisionIO
 
 
 # graph name -> output it ends in
-GRAPHS = {"vision": IO.PATCH_FEATURES, "vision_resampler": IO.IMAGE_EMBEDS}
+GRAPHS = {FILE_KINDS[k].graph: IO(FILE_KINDS[k].graph_output) for k in ONNX_VISION_KINDS}
 PRECISIONS = ("fp32", "fp16")
 OPSET = 18
 # ORT CPU fused kernels we look for (com.microsoft domain, plus the ONNX LayerNormalization op).
@@ -76,9 +78,8 @@ EXTERNAL_DATA_THRESHOLD = 2 ** 31 - 2 ** 26
 
 
 def onnx_file_name(name: str, precision: str, graph: str = "vision") -> str:
-    """`vision-<name>-<precision>.onnx` / `vision-resampler-<name>-<precision>.onnx`."""
-    stem = "vision" if graph == "vision" else "vision-resampler"
-    return f"{stem}-{name}-{precision}.onnx"
+    """`vision-<name>-<precision>.onnx` / `vision-resampler-<name>-<precision>.onnx` (runtime/bundle.py's table)."""
+    return file_name(kind_of_graph(graph), name, precision)
 
 
 # =============================================================================================
@@ -100,7 +101,7 @@ class _Attention(nn.Module):
         return a.out_proj(torch.matmul(probs, v).transpose(1, 2).flatten(2))          # [1, N, C]
 
 
-class _SliceResampler(nn.Module):
+class SliceResampler(nn.Module):
     """The 2D resampler for one slice (no padding): features [1, N, kv] + grid (h, w) -> [1, Q, D]."""
 
     def __init__(self, ref: Resampler):
@@ -151,7 +152,7 @@ class SliceVisionModel(nn.Module):
         super().__init__()
         self.tower = tower
         self.attn = nn.ModuleList(_Attention(layer.self_attn) for layer in tower.encoder.layers)
-        self.resampler = _SliceResampler(resampler) if resampler is not None else None
+        self.resampler = SliceResampler(resampler) if resampler is not None else None
 
     def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         t = self.tower
@@ -189,6 +190,13 @@ class OnnxArtifact:
     @property
     def size(self) -> int:
         return sum(p.stat().st_size for p in self.files)
+
+    def record(self):
+        """How the manifest lists this file (export/bundle.py)."""
+        from .bundle import BundleFileSpec, onnx_io
+        about = dict(graph=self.graph, format="onnx", fused_ops=self.fused, io=onnx_io(self.graph),
+                     **(dict(quant=self.quant) if self.quant else {}))
+        return BundleFileSpec(self.path, kind_of_graph(self.graph), self.precision, about, self.files[1:])
 
 
 def _initializer_bytes(model) -> int:
@@ -358,7 +366,7 @@ def convert_fp16(src: str | Path, out_path: str | Path, *, keep_fp32: Sequence[s
     model = OnnxModel(onnx.load(str(src)))
     model.convert_float_to_float16(keep_io_types=True, op_block_list=list(keep_fp32) or None)
     counts = op_counts(model.model)
-    graph = "vision_resampler" if any(o.name == IO.IMAGE_EMBEDS.value for o in model.model.graph.output) else "vision"
+    graph = graph_of_outputs(o.name for o in model.model.graph.output)
     files = save_onnx(model.model, out_path, external=external)
     return OnnxArtifact(Path(out_path), graph, "fp16", files, counts, _fused(counts), tuple(keep_fp32),
                         seconds=time.perf_counter() - t0,
@@ -472,24 +480,28 @@ def reference_output(tower: VisionTower, resampler: Resampler | None, pixels: np
 
 
 def parity(model_path: str | Path, ckpt: Checkpoint, grids: Sequence[tuple[int, int]] = EXPORT_PARITY_GRIDS, *,
-           seed: int = 0, session: Any = None, modules: tuple[VisionTower, Resampler] | None = None
+           seed: int = 0, backend: Any = None, modules: tuple[VisionTower, Resampler] | None = None
            ) -> dict[str, Any]:
-    """Run an ONNX vision graph and the torch reference on random slices of each grid; per-row cosine.
+    """Run an ONNX vision graph through the runtime's own backend (runtime/vision.py's OnnxVision, or `backend`)
+    and the torch reference on random slices of each grid; per-row cosine.
 
     Returns {"reference": "torch", "grids": [{"grid": [h, w], "min_cosine", "mean_cosine", "max_abs"}...],
     "min_cosine": worst row over all grids, "mean_cosine"}."""
-    sess = session if session is not None else ort_session(model_path)
-    graph = "vision_resampler" if any(o.name == IO.IMAGE_EMBEDS.value for o in sess.get_outputs()) else "vision"
-    tower, resampler = modules if modules is not None else reference_modules(ckpt)
+    from minicpmv_edge.runtime.preprocess import Slice
+    from minicpmv_edge.runtime.vision import OnnxVision
+
     p, side = ckpt.vision.patch_size, ckpt.vision.num_patches_per_side
+    vision = backend if backend is not None else OnnxVision(model_path, num_patches_per_side=side)
+    graph = graph_of_outputs([vision.output])
+    tower, resampler = modules if modules is not None else reference_modules(ckpt)
     rows = []
     for h, w in grids:
         px = random_slice(h, w, p, seed)
-        got = sess.run(None, slice_feed(px, p, side))[0][0].astype(np.float32)
+        got = vision.encode(Slice(px, (h, w), "source")).astype(np.float32)
         want = reference_output(tower, resampler if graph == "vision_resampler" else None, px)
         cos = cosine_rows(got, want)
-        rows.append({"grid": [h, w], "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
-                     "max_abs": float(np.abs(got - want).max())})
-    return {"reference": "torch (export/reference.py)", "graph": graph, "grids": rows,
-            "min_cosine": min(r["min_cosine"] for r in rows),
-            "mean_cosine": float(np.mean([r["mean_cosine"] for r in rows]))}
+        rows.append(ParityGrid(grid=[h, w], min_cosine=float(cos.min()), mean_cosine=float(cos.mean()),
+                               max_abs=float(np.abs(got - want).max())))
+    return Parity(reference="torch (export/reference.py)", graph=graph, grids=rows,
+                  min_cosine=min(r.min_cosine for r in rows),
+                  mean_cosine=float(np.mean([r.mean_cosine for r in rows]))).to_dict()

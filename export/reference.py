@@ -3,7 +3,7 @@
     ref = MiniCPMVReference.from_checkpoint("MiniCPM-V-4_5")
     tokens = ref.generate_greedy([{"role": "user", "content": [image, "What is this?"]}], max_new_tokens=16)
 
-Pieces (each written here from the math in shared/research/minicpmv-arch.md §3-§6, float32 throughout):
+Pieces (each written here from the math in docs/model.md §3-§6, float32 throughout):
 
 * `VisionTower` - SigLIP NaViT ViT as in the HF MiniCPM-V code: conv patch embedding, bucketed position ids,
   pre-LN encoder layers, post LayerNorm. Batched slices are padded and masked like HF.
@@ -29,13 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from minicpmv_edge.facts import IMAGE_TOKENS
-from minicpmv_edge.runtime.preprocess import image_placeholder, preprocess_image
-from minicpmv_edge.runtime.prompt import image_spans
+from minicpmv_edge.runtime.preprocess import preprocess_image
+from minicpmv_edge.runtime.prompt import IMAGE_TAG, image_placeholder, image_spans
 
 from .checkpoint import Checkpoint, ResamplerConfig, VisionConfig
 
-# The user-side image tag `model.chat()` writes for every PIL image in a message (T45-model `chat`).
-IMAGE_TAG = "(<image>./</image>)"
 
 
 def _t(array: np.ndarray) -> torch.Tensor:
@@ -541,7 +539,7 @@ class MiniCPMVReference:
         """4.5 video hook: frames (PIL, one slice each, max_slice_nums=1) grouped by temporal_ids -> [G, Q, D].
 
         The prompt for G groups is G placeholders without image ids and without slices
-        (`image_placeholder(None, i, use_image_id=False, ...)`), joined by "\\n" (arch §4.4)."""
+        (`image_placeholder(None, i, use_image_id=False, ...)`), joined by "\\n" (docs/model.md §4.4)."""
         if self.facts.video != "temporal_resampler":
             raise ValueError(f"MiniCPM-V {self.facts.version} has no temporal resampler (video={self.facts.video})")
         if len(frames) != sum(len(g) for g in temporal_ids):

@@ -103,10 +103,6 @@ def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     return (rounded >> np.uint32(16)).astype(np.uint16)
 
 
-_NUMPY_TO_ST = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.float64): "F64",
-                np.dtype(np.int64): "I64", np.dtype(np.int32): "I32"}
-
-
 @dataclass(frozen=True)
 class TensorSpec:
     """A tensor to be written: name, shape, on-disk dtype, and a function yielding its float32 data

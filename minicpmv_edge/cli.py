@@ -13,15 +13,15 @@ from minicpmv_edge.errors import MiniCPMVEdgeError, MissingExtraError
 # name -> ("module" or "module:function", one-line help, extra the module needs); the function defaults to main
 COMMANDS: dict[str, tuple[str, str, str | None]] = {
     "synth": ("minicpmv_edge.export.synth", "write a synthetic MiniCPM-V checkpoint (tiny, edge-4b, full)", "export"),
-    "export": ("minicpmv_edge.export.pipeline", "export a checkpoint: LLM GGUF ladder + llama.cpp mmproj", "export"),
+    "export": ("minicpmv_edge.workflows.pipeline", "export a checkpoint: LLM GGUF ladder + llama.cpp mmproj", "export"),
     "inspect": ("minicpmv_edge.export.checkpoint", "read and validate a checkpoint directory, print a summary", None),
     "verify": ("minicpmv_edge.export.bundle", "re-check a bundle's files (sizes, sha256) and, optionally, parity", None),
     "run": ("minicpmv_edge.runtime.cli:run_main", "ask one question about images (streams the answer)", None),
     "chat": ("minicpmv_edge.runtime.cli:chat_main", "interactive chat with a bundle", None),
     "serve": ("minicpmv_edge.runtime.cli:serve_main", "OpenAI-compatible local HTTP server", "serve"),
-    "bench": ("minicpmv_edge.runtime.benchmark", "TTFT stages and decode speed vs llama.cpp's own path", None),
-    "sweep": ("minicpmv_edge.quantize.sweep", "quantization size sweep: size, KLD, top-1, TTFT per cell", "export"),
-    "demo": ("minicpmv_edge.demo", "synthesize a tiny model, export it, ask about a generated image", "export"),
+    "bench": ("minicpmv_edge.workflows.benchmark", "TTFT stages and decode speed vs llama.cpp's own path", None),
+    "sweep": ("minicpmv_edge.workflows.sweep", "quantization size sweep: size, KLD, top-1, TTFT per cell", "export"),
+    "demo": ("minicpmv_edge.workflows.demo", "synthesize a tiny model, export it, ask about a generated image", "export"),
 }
 
 _EXTRA_MODULES = {"torch", "transformers", "tokenizers", "safetensors", "onnx", "onnxscript", "coremltools",

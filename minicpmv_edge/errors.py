@@ -18,6 +18,23 @@ class CheckpointError(MiniCPMVEdgeError):
         super().__init__(f"{where}: {message}")
 
 
+class BundleError(MiniCPMVEdgeError):
+    """A bundle's manifest.json is malformed or out of range, or a file it lists is missing or changed."""
+
+    def __init__(self, path: str | Path, message: str, field: str | None = None):
+        self.path = Path(path)
+        self.field = field
+        super().__init__(f"{self.path}" + (f": {field}" if field else "") + f": {message}")
+
+
+class PromptError(MiniCPMVEdgeError):
+    """A chat template does not render, or a request does not fit the prompt grammar."""
+
+
+class UnknownVersionError(MiniCPMVEdgeError, ValueError):
+    """A MiniCPM-V version that is not in the model-facts table (or not supported yet)."""
+
+
 class MissingExtraError(MiniCPMVEdgeError):
     """A command needs an optional dependency group that is not installed."""
 

@@ -7,7 +7,7 @@ Numbers that the weights or config.json already hold (widths, layer counts, voca
 facts here; code reads them from the checkpoint. The `reference_dims` of each entry are the real
 model's dimensions, used only to synthesize look-alike checkpoints for benchmarks.
 
-Sources are cited per field in ../shared/research/minicpmv-arch.md (tags in brackets). Values we
+Sources are cited per field in docs/model.md (tags in brackets, defined in its §0). Values we
 could not confirm from a public source are listed in `unverified` and in the README.
 """
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Mapping
+
+from minicpmv_edge.errors import UnknownVersionError
 
 # Special tokens by role. Ids are never stored: they are resolved from the shipped tokenizer.
 IMAGE_TOKENS = MappingProxyType({
@@ -33,7 +35,7 @@ THINK_TOKENS = MappingProxyType({"think_start": "<think>", "think_end": "</think
 
 @dataclass(frozen=True)
 class VisionDims:
-    """SigLIP-so400m NaViT tower, identical in 2.6 / 4.0 / 4.5 [arch §1.2]."""
+    """SigLIP-so400m NaViT tower, identical in 2.6 / 4.0 / 4.5 [docs/model.md §1.2]."""
     hidden_size: int = 1152
     num_hidden_layers: int = 27
     num_attention_heads: int = 16
@@ -250,9 +252,11 @@ MODEL_FACTS: Mapping[str, ModelFacts] = MappingProxyType({f.version: f for f in 
 
 SUPPORTED_VERSIONS = tuple(v for v, f in MODEL_FACTS.items() if f.supported)
 
-
-class UnknownVersionError(ValueError):
-    pass
+# Bounds that readers of bundles and requests check against, derived from the table (a new version moves them).
+MAX_SLICE_NUMS = max(f.max_slice_nums for f in MODEL_FACTS.values())
+SLICING_VARIANTS = tuple(dict.fromkeys(f.slicing for f in MODEL_FACTS.values()))
+# every special-token role a version may name (the glossary: docs/glossary.md)
+SPECIAL_TOKEN_ROLES = (*IMAGE_TOKENS, *CHATML_TOKENS, *THINK_TOKENS)
 
 
 def normalize_version(raw: object) -> str:

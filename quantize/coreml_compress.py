@@ -27,7 +27,7 @@ from typing import Sequence
 
 from minicpmv_edge.errors import MiniCPMVEdgeError, MissingExtraError
 from minicpmv_edge.export.checkpoint import Checkpoint
-from minicpmv_edge.export.coreml_vision import (CoremlArtifact, _ct, convert_coreml, coreml_file_name,
+from minicpmv_edge.export.coreml_vision import (CoremlArtifact, convert_coreml, coreml_file_name, coremltools_module,
                                                 save_mlpackage)
 
 _TARGET_ORDER = ("iOS16", "iOS17", "iOS18")
@@ -88,7 +88,7 @@ def _variant(name: str) -> CoremlVariant:
 
 def compress_model(ml, variant: str | CoremlVariant):
     """Compressed copy of an in-memory ML program."""
-    _ct()
+    coremltools_module()
     import coremltools.optimize.coreml as cto
 
     v = variant if isinstance(variant, CoremlVariant) else _variant(variant)
@@ -123,7 +123,7 @@ def _compress(cto, ml, v: CoremlVariant):
 
 def compress_coreml(src: str | Path, out_path: str | Path, variant: str) -> CoremlArtifact:
     """Compress a saved fp16 .mlpackage into `out_path`. Its deployment target must allow the variant."""
-    ct = _ct()
+    ct = coremltools_module()
     v = _variant(variant)
     t0 = time.perf_counter()
     with warnings.catch_warnings():

@@ -19,12 +19,9 @@ from minicpmv_edge.errors import MiniCPMVEdgeError
 
 # The sizes users pick from, smallest first. F16/BF16/F32 are written by the exporter directly.
 LADDER = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_S", "Q4_K_M", "IQ4_NL", "Q5_K_M", "Q6_K", "Q8_0")
-FLOAT_OUTPUTS = ("F32", "F16", "BF16")
-# Types whose quality depends strongly on an importance matrix (llama.cpp warns without one).
-NEEDS_IMATRIX = frozenset({"IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"})
 
 
-def _ftype(qtype: str) -> int:
+def llama_ftype(qtype: str) -> int:
     import llama_cpp
     value = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}", None)
     if value is None:
@@ -83,7 +80,7 @@ def quantize_gguf(src: str | Path, dst: str | Path, qtype: str, *, nthread: int 
     if not src.is_file():
         raise MiniCPMVEdgeError(f"{src}: file not found")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = _ftype(qtype)
+    params.ftype = llama_ftype(qtype)
     params.nthread = nthread or os.cpu_count() or 1
     tmp = dst.with_name(dst.name + ".partial")
     try:
@@ -97,8 +94,3 @@ def quantize_gguf(src: str | Path, dst: str | Path, qtype: str, *, nthread: int 
             tmp.unlink()
     counts, sizes, n_params = describe_gguf(dst)
     return QuantReport(qtype, dst, dst.stat().st_size, n_params, counts, sizes)
-
-
-def ladder_name(stem: str, qtype: str) -> str:
-    """llama.cpp / ollama file naming: `<name>-Q4_K_M.gguf`."""
-    return f"{stem}-{qtype}.gguf"

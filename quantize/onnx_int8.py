@@ -33,6 +33,7 @@ from typing import Iterable, Sequence
 
 from minicpmv_edge.errors import MiniCPMVEdgeError
 from minicpmv_edge.export.checkpoint import Checkpoint
+from minicpmv_edge.runtime.bundle import graph_of_outputs
 from minicpmv_edge.export.onnx_vision import OnnxArtifact, export_onnx, onnx_file_name, op_counts, save_onnx
 
 __all__ = ["Int8Recipe", "RECIPES", "DEFAULT_RECIPE", "ROLES", "matmul_roles", "quantize_onnx",
@@ -150,7 +151,7 @@ def matmul_roles(model) -> dict[str, str]:
 # =============================================================================================
 
 def _graph_kind(model) -> str:
-    return "vision_resampler" if any(o.name == "image_embeds" for o in model.graph.output) else "vision"
+    return graph_of_outputs(o.name for o in model.graph.output)
 
 
 def quantize_onnx(src: str | Path, out_path: str | Path, recipe_name: str | Int8Recipe = DEFAULT_RECIPE, *,

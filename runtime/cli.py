@@ -6,11 +6,19 @@ import json
 import sys
 from pathlib import Path
 
+from minicpmv_edge.facts import MAX_SLICE_NUMS
+
+from .bundle import VISION_BACKENDS
+
 
 def _load_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("bundle", type=Path, help="bundle folder written by `minicpmv-edge export`")
     ap.add_argument("--llm", help="LLM precision to load (e.g. Q4_K_M, Q8_0, F16; default: the smallest good one)")
     ap.add_argument("--vision", help="vision precision (fp32, fp16, int8)")
+    ap.add_argument("--vision-kind", choices=tuple(VISION_BACKENDS),
+                    help="which vision file runs (default: the first of these the bundle has and this machine runs)")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="skip the sha256 check of the files loaded (checked once per file version, then cached)")
     ap.add_argument("--resampler", default="auto", choices=("auto", "native", "numpy"))
     ap.add_argument("--threads", type=int, help="CPU threads (default: 2)")
     ap.add_argument("--ctx", type=int, default=4096, help="context length in tokens")
@@ -18,15 +26,15 @@ def _load_args(ap: argparse.ArgumentParser) -> None:
 
 def _load(args):
     from .bundle import load
-    return load(args.bundle, llm=args.llm, vision=args.vision, resampler=args.resampler, threads=args.threads,
-                n_ctx=args.ctx)
+    return load(args.bundle, llm=args.llm, vision=args.vision, vision_kind=args.vision_kind, resampler=args.resampler,
+                threads=args.threads, n_ctx=args.ctx, verify=not args.no_verify)
 
 
 def _gen_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--think", action="store_true", help="thinking mode (models that have one)")
     ap.add_argument("--seed", type=int, help="sampling seed (same seed, same answer)")
     ap.add_argument("--max-tokens", type=int, default=512)
-    ap.add_argument("--max-slices", type=int, help="slices per image, 1-9 (fewer = faster on a phone)")
+    ap.add_argument("--max-slices", type=int, help=f"slices per image, 1-{MAX_SLICE_NUMS} (default: the model's; fewer = faster on a phone)")
     ap.add_argument("--temperature", type=float)
     ap.add_argument("--greedy", action="store_true", help="argmax decoding")
 
@@ -139,7 +147,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         raise MissingExtraError("serve", "uvicorn") from None
     from .server import ServerOptions, create_app, make_server
     model = _load(args)
-    name = args.name or model.bundle.manifest.get("name") or "minicpm-v"
+    name = args.name or model.bundle.name or "minicpm-v"
     opts = ServerOptions(name=name, max_queue=args.max_queue, allow_local_files=args.allow_local_files,
                          local_roots=tuple(args.allow_dir), allow_remote_urls=args.allow_remote_urls,
                          remote_allow_hosts=tuple(h.lower() for h in args.allow_host), docs=args.docs)

@@ -1,7 +1,7 @@
 """Image preprocessing for MiniCPM-V, torch-free (numpy + Pillow), bit-exact with Hugging Face.
 
 Mirrors `MiniCPMVImageProcessor` of the MiniCPM-V 2.6 / 4.0 / 4.5 remote code (LLaVA-UHD slicing,
-research notes arch §5) and the bucketed NaViT position ids of `MiniCPMVisionEmbeddings` (arch §3.2):
+docs/model.md §5) and the bucketed NaViT position ids of `MiniCPMVisionEmbeddings` (docs/model.md §3.2):
 
 * slicing: Python's banker's `round` in `ensure_divide`, the `W*H > S*S` rule, `allow_upscale` only for
   an un-sliced image and for the refined cells, PIL `Image.Resampling.BICUBIC` on uint8 RGB;
@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Mapping, Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -31,7 +31,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS", "SLICINGS", "Slice", "PreprocessedImage",
     "ensure_divide", "find_best_resize", "get_refine_size", "get_sliced_grid", "split_to_patches",
     "slice_image", "get_sliced_grid_v46", "slice_image_v46",
-    "normalize", "reshape_by_patch", "position_bucket_ids", "preprocess_image", "image_placeholder",
+    "normalize", "reshape_by_patch", "position_bucket_ids", "preprocess_image",
 ]
 
 # Pillow refuses to open files above 2 * Image.MAX_IMAGE_PIXELS (its default DecompressionBombError
@@ -331,20 +331,3 @@ def preprocess_image(img: Image.Image, *, max_slice_nums: int = 9, slice_size: i
               for role, im in roles]
     return PreprocessedImage(slices=slices, grid=grid, image_size=rgb.size)
 
-
-def image_placeholder(grid: tuple[int, int] | None, image_index: int, *, use_image_id: bool, query_num: int,
-                      tokens: Mapping[str, str]) -> str:
-    """HF `get_slice_image_placeholder` (arch §6.1): `[<image_id>i</image_id>]<image>` + pad*query_num +
-    `</image>`, then, if sliced, `rows` lines of `cols` x `<slice>` + pad*query_num + `</slice>` joined by "\\n".
-
-    `tokens` is `facts.special_tokens` (roles image_start, image_end, slice_start, slice_end,
-    image_id_start, image_id_end, image_pad).
-    """
-    pad = tokens["image_pad"] * query_num
-    text = f"{tokens['image_id_start']}{image_index}{tokens['image_id_end']}" if use_image_id else ""
-    text += tokens["image_start"] + pad + tokens["image_end"]
-    if grid is not None:
-        cols, rows = grid
-        row = (tokens["slice_start"] + pad + tokens["slice_end"]) * cols
-        text += "\n".join([row] * rows)
-    return text

@@ -25,10 +25,9 @@ from typing import Any, Callable, Mapping, Sequence
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from minicpmv_edge.errors import MiniCPMVEdgeError
+from minicpmv_edge.errors import PromptError
 
-from .preprocess import image_placeholder
-
+# The user-side image tag HF `model.chat()` writes for every image in a message (docs/prompt.md).
 IMAGE_TAG = "(<image>./</image>)"
 # Markers around caller text in the rendered prompt: private-use characters + a per-process secret, so no input
 # can forge them. They never reach the tokenizer.
@@ -39,10 +38,6 @@ _OPEN, _CLOSE = f"\ue000{_NONCE}\ue001", f"\ue002{_NONCE}\ue003"
 def untrusted(text: str) -> str:
     """Mark caller text: it will be tokenized with special-token parsing off."""
     return _OPEN + text + _CLOSE
-
-
-class PromptError(MiniCPMVEdgeError):
-    pass
 
 
 def _raise(message: str):
@@ -80,6 +75,24 @@ def render(fmt: PromptFormat, messages: Sequence[Mapping[str, Any]], *, enable_t
                                bos_token=fmt.bos_token or "", eos_token=fmt.eos_token or "", **extra)
     except TemplateError as exc:
         raise PromptError(f"chat template error: {exc}") from None
+
+
+def image_placeholder(grid: tuple[int, int] | None, image_index: int, *, use_image_id: bool, query_num: int,
+                      tokens: Mapping[str, str]) -> str:
+    """HF `get_slice_image_placeholder` (docs/model.md §6.1): `[<image_id>i</image_id>]<image>` + pad*query_num +
+    `</image>`, then, if sliced, `rows` lines of `cols` x `<slice>` + pad*query_num + `</slice>` joined by "\\n".
+
+    `tokens` is `facts.special_tokens` (roles image_start, image_end, slice_start, slice_end,
+    image_id_start, image_id_end, image_pad).
+    """
+    pad = tokens["image_pad"] * query_num
+    text = f"{tokens['image_id_start']}{image_index}{tokens['image_id_end']}" if use_image_id else ""
+    text += tokens["image_start"] + pad + tokens["image_end"]
+    if grid is not None:
+        cols, rows = grid
+        row = (tokens["slice_start"] + pad + tokens["slice_end"]) * cols
+        text += "\n".join([row] * rows)
+    return text
 
 
 def image_text(grid: tuple[int, int] | None, index: int, fmt: PromptFormat, *, use_image_id: bool | None = None) -> str:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 import numpy as np
 
 from minicpmv_edge.errors import MiniCPMVEdgeError
-from minicpmv_edge.facts import ModelFacts
+from minicpmv_edge.facts import MAX_SLICE_NUMS, ModelFacts
 
 from .decoder import ContextOverflowError, Decoder, Embeddings, SamplingParams
 from .images import ImageHeader, ImageInputError, LoadedImage, load_image, read_image_header, slice_shapes
@@ -478,8 +478,8 @@ class MiniCPMV:
         if thinking and not self.facts.thinking:
             raise MiniCPMVEdgeError(f"MiniCPM-V {self.facts.version} has no thinking mode")
         slices = self.preprocess_config.max_slice_nums if max_slices is None else int(max_slices)
-        if not 1 <= slices <= 36:
-            raise MiniCPMVEdgeError(f"max_slices must be between 1 and 36, got {slices}")
+        if not 1 <= slices <= MAX_SLICE_NUMS:
+            raise MiniCPMVEdgeError(f"max_slices must be between 1 and {MAX_SLICE_NUMS}, got {slices}")
         t = timings if timings is not None else Timings()
         req = normalize_messages(messages)
         n_ctx = self.decoder.n_ctx

@@ -80,6 +80,28 @@ class OnnxVision:
         return out.reshape(-1, out.shape[-1])
 
 
+class ResamplerInGraph:
+    """The resampler step of a session whose vision graph already ends in the resampler (the fused
+    vision+resampler ONNX graph, FileKind.VISION_RESAMPLER_ONNX): the backend's output is the [Q, D] block."""
+    backend = "in-graph"
+
+    def __init__(self, embed_dim: int):
+        self.embed_dim = embed_dim
+
+    def run(self, features: np.ndarray, h: int, w: int) -> np.ndarray:
+        if features.ndim != 2 or features.shape[-1] != self.embed_dim:
+            raise MiniCPMVEdgeError(f"the fused vision graph returned {tuple(features.shape)}, expected "
+                                    f"[query_num, {self.embed_dim}]")
+        return features
+
+    def run_group(self, frames, grids, temporal_ids) -> np.ndarray:
+        raise MiniCPMVEdgeError("video needs the separate resampler weights (the fused vision+resampler graph "
+                                "has no temporal input); load the bundle with its vision_onnx file")
+
+    def close(self) -> None:
+        pass
+
+
 class CoreMLVision:
     """The .mlpackage through coremltools (prediction exists only on macOS)."""
 

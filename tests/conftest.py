@@ -30,7 +30,7 @@ def tiny_checkpoint(tmp_path_factory) -> Callable[[str], Path]:
 def tiny_bundle(tiny_checkpoint, tmp_path_factory) -> Callable[[str], Path]:
     """Factory: `tiny_bundle("4.5")` -> an exported bundle of the tiny checkpoint (F32 + Q4_K_M GGUF, F16 mmproj,
     fp32 ONNX vision, f32 resampler weights, manifest.json). Written once per session and version; read-only."""
-    from minicpmv_edge.export.pipeline import export_checkpoint
+    from minicpmv_edge.workflows.pipeline import export_checkpoint
 
     root = tmp_path_factory.mktemp("tiny-bundle")
     made: dict[str, Path] = {}

@@ -197,24 +197,27 @@ def test_verify_against_remeasures_parity(bundle, ckpt, tmp_path):
     assert all("parity changed" in p.message for p in bad.problems)
 
 
-def test_write_manifest_accepts_pipeline_keys(ckpt, tmp_path):
+def test_write_manifest_takes_typed_records(ckpt, tmp_path):
+    """Exporters hand the writer typed records (kind, precision, external data): nothing is parsed from names."""
     (tmp_path / "m-Q4_K_M.gguf").write_bytes(b"GGUF" + bytes(60))
     (tmp_path / "r.mvr").write_bytes(b"MVERSMPL" + bytes(56))
     (tmp_path / "v.onnx").write_bytes(b"graph")
     (tmp_path / "v.onnx.data").write_bytes(b"weights")
-    B.write_manifest(tmp_path, ckpt, {"llm:Q4_K_M": tmp_path / "m-Q4_K_M.gguf", "resampler:f16": tmp_path / "r.mvr",
-                                      "vision:fp32": tmp_path / "v.onnx"})
+    B.write_manifest(tmp_path, ckpt, [B.BundleFileSpec(tmp_path / "m-Q4_K_M.gguf", FileKind.LLM_GGUF, "Q4_K_M"),
+                                      B.BundleFileSpec(tmp_path / "r.mvr", FileKind.RESAMPLER_WEIGHTS, "f16"),
+                                      B.BundleFileSpec(tmp_path / "v.onnx", FileKind.VISION_ONNX, "fp32",
+                                                       external_data=[tmp_path / "v.onnx.data"])])
     m = B.load_manifest(tmp_path)
     assert [(e["kind"], e["precision"]) for e in m["files"]] == [("llm_gguf", "Q4_K_M"), ("resampler_weights", "f16"),
                                                                  ("vision_onnx", "fp32")]
-    assert m["files"][2]["external_data"][0]["path"] == "v.onnx.data"     # found beside the graph
+    assert m["files"][2]["external_data"][0]["path"] == "v.onnx.data"     # listed with the graph
     assert B.verify_bundle(tmp_path).ok
     _flip(tmp_path / "v.onnx.data", 0)
     assert [p.path for p in B.verify_bundle(tmp_path).problems] == ["v.onnx.data"]
-    with pytest.raises(Exception, match="unknown role"):
-        B.write_manifest(tmp_path, ckpt, {"weird:F16": tmp_path / "r.mvr"})
+    with pytest.raises(Exception, match="unknown file kind"):
+        B.write_manifest(tmp_path, ckpt, [B.BundleFileSpec(tmp_path / "r.mvr", "weird", "F16")])
     with pytest.raises(Exception, match="not inside the bundle"):
-        B.write_manifest(tmp_path / "sub", ckpt, {"llm:F16": tmp_path / "r.mvr"})
+        B.write_manifest(tmp_path / "sub", ckpt, [B.BundleFileSpec(tmp_path / "r.mvr", FileKind.LLM_GGUF, "F16")])
 
 
 def test_export_cli_writes_onnx_int8_and_coreml_with_their_recipes(tiny_checkpoint, tmp_path, capsys):

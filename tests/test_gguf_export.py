@@ -13,7 +13,8 @@ from minicpmv_edge.errors import CheckpointError, MiniCPMVEdgeError
 from minicpmv_edge.export.checkpoint import Checkpoint
 from minicpmv_edge.export.gguf_llm import write_llm_gguf
 from minicpmv_edge.export.gguf_mmproj import write_mmproj_gguf
-from minicpmv_edge.export.pipeline import export_checkpoint
+from minicpmv_edge.runtime.bundle import FileKind
+from minicpmv_edge.workflows.pipeline import export_checkpoint
 from minicpmv_edge.quantize.gguf_ladder import LADDER, describe_gguf, quantize_gguf
 from minicpmv_edge.runtime import llamacpp_log
 
@@ -37,7 +38,7 @@ def exported(tiny_checkpoint, tmp_path_factory):
 
 
 def _llama(path: Path, n_ctx: int = 256):
-    # f32 KV cache and no flash attention: otherwise llama.cpp rounds K/V to f16 (toolchain.md trap 4)
+    # f32 KV cache and no flash attention: otherwise llama.cpp rounds K/V to f16 (docs/toolchain.md #4)
     return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, type_k=0, type_v=0, flash_attn=False,
                            verbose=False, n_threads=2, seed=0)
 
@@ -181,7 +182,7 @@ def test_k_quant_fallback_is_reported(tmp_path, monkeypatch):
     res = export_checkpoint(out, tmp_path / "exp", llm_types=["Q4_K_M"], mmproj_types=[])
     print("\n" + "\n".join(res.notes))
     assert any(n.startswith("Q4_K_M: llama.cpp used") for n in res.notes), res.notes
-    counts, _, _ = describe_gguf(res.files["llm:Q4_K_M"])
+    counts, _, _ = describe_gguf(res.path(FileKind.LLM_GGUF, "Q4_K_M"))
     assert set(counts) & {"Q5_0", "Q5_1", "Q8_0", "IQ4_NL"}
     assert not (tmp_path / "exp" / "odd-F16.gguf").exists()   # the temporary F16 is removed
 
@@ -192,7 +193,7 @@ def test_mmproj_llama_cpp_clip_matches_torch_reference(exported, version, tmp_pa
     reference, per token row, for a 448×448 image. At 448×448 llama.cpp does not slice or resize, and the 32×32
     grid has identical position buckets in llama.cpp (floor) and HF (bucketize), so no preprocessing
     difference applies."""
-    from minicpmv_edge.demo import demo_image
+    from minicpmv_edge.workflows.demo import demo_image
     from minicpmv_edge.export.reference import MiniCPMVReference
     from minicpmv_edge.runtime.llamacpp_clip import LlamaCppClip
     from minicpmv_edge.runtime.preprocess import position_bucket_ids

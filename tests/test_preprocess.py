@@ -7,7 +7,7 @@
     makes the alignment 14, i.e. the 2.6 geometry; its target sizes are then in 7-pixel units and its
     pixel_values in 7-patch layout, both converted back here. Tie cases are detected and listed.
 (b) Position ids: real torch running the HF `MiniCPMVisionEmbeddings` code.
-(c) Worked examples of research notes arch §5. (d) Bad and unusual input.
+(c) Worked examples of docs/model.md §5. (d) Bad and unusual input.
 """
 from __future__ import annotations
 
@@ -215,7 +215,7 @@ def test_v46_branch_matches_transformers(ref):
 def test_reshape_by_patch_matches_reference(ref):
     x = np.random.default_rng(0).standard_normal((3, 28, 42)).astype(np.float32)
     np.testing.assert_array_equal(pp.reshape_by_patch(x, 14), ref.reshape_by_patch(x, 14))
-    # patch n occupies columns n*14 .. n*14+13 (arch §3.1)
+    # patch n occupies columns n*14 .. n*14+13 (docs/model.md §3.1)
     np.testing.assert_array_equal(pp.reshape_by_patch(x, 14)[:, :, 14 * 4:14 * 5], x[:, 14:28, 14:28])
 
 
@@ -306,6 +306,7 @@ def test_worked_examples():
 
 
 def test_image_placeholder():
+    from minicpmv_edge.runtime import prompt as pp      # prompt text: lives with the prompt code
     f = MODEL_FACTS["2.6"]
     pad = "<unk>" * 64
     one = pp.image_placeholder(None, 0, use_image_id=True, query_num=64, tokens=f.special_tokens)

@@ -126,7 +126,7 @@ def _torch_mha(resampler: R.Resampler) -> nn.MultiheadAttention:
 
 
 def _sincos_2d_independent(d: int, h: int, w: int) -> torch.Tensor:
-    """Closed form (arch §4.1): [sin(x w), cos(x w), sin(y w), cos(y w)], w_k = 10000^(-k/(D/4))."""
+    """Closed form (docs/model.md §4.1): [sin(x w), cos(x w), sin(y w), cos(y w)], w_k = 10000^(-k/(D/4))."""
     e = d // 4
     omega = 1.0 / 10000 ** (torch.arange(e, dtype=torch.float32) / e)
     y, x = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")

@@ -17,7 +17,7 @@ from PIL import Image
 import minicpmv_edge
 from minicpmv_edge.errors import MiniCPMVEdgeError
 from minicpmv_edge.export.reference import MiniCPMVReference
-from minicpmv_edge.demo import demo_image
+from minicpmv_edge.workflows.demo import demo_image
 
 QUESTION = "What is in this picture?"
 

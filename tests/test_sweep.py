@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from minicpmv_edge.quantize.sweep import run_sweep
+from minicpmv_edge.workflows.sweep import run_sweep
 
 
 def test_sweep_runs_and_resumes(tiny_checkpoint, tmp_path):

@@ -141,13 +141,7 @@ def bound_signatures() -> dict[str, int]:
     return {name: len(argtypes) for name, _, argtypes in _SIGNATURES}
 
 
-CPU_FEATURE_BITS = {"avx2": 1 << 0, "fma": 1 << 1, "f16c": 1 << 2, "neon": 1 << 3, "fp16_arith": 1 << 4}
 KERNEL_VARIANTS = ("generic", "avx2", "neon")
-
-
-def cpu_features() -> list[str]:
-    bits = load().mve_cpu_features()
-    return [name for name, bit in CPU_FEATURE_BITS.items() if bits & bit]
 
 
 def abi_version() -> int:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from minicpmv_edge.errors import MiniCPMVEdgeError
+from minicpmv_edge.runtime.bundle import FileKind, file_name
 
 DEFAULT_LLM = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "IQ4_NL", "Q5_K_M", "Q6_K", "Q8_0", "F16")
 DEFAULT_VISION = ("fp32", "fp16", "int8")
@@ -70,10 +71,10 @@ class _Files:
 
     def llm(self, qtype: str) -> Path:
         from minicpmv_edge.export.gguf_llm import write_llm_gguf
-        from minicpmv_edge.quantize.gguf_ladder import ladder_name, quantize_gguf
-        path = self.dir / ladder_name(self.name, qtype)
+        from minicpmv_edge.quantize.gguf_ladder import quantize_gguf
+        path = self.dir / file_name(FileKind.LLM_GGUF, self.name, qtype)
         if not path.exists():
-            f16 = self.dir / ladder_name(self.name, "F16")
+            f16 = self.dir / file_name(FileKind.LLM_GGUF, self.name, "F16")
             if not f16.exists():
                 write_llm_gguf(self.ckpt, f16, "F16")
             if qtype != "F16":
@@ -81,7 +82,7 @@ class _Files:
         return path
 
     def vision(self, precision: str) -> Path:
-        path = self.dir / f"vision-{self.name}-{precision}.onnx"
+        path = self.dir / file_name(FileKind.VISION_ONNX, self.name, precision)
         if not path.exists():
             if precision in ("fp32", "fp16"):
                 from minicpmv_edge.export.onnx_vision import export_vision_onnx
@@ -93,34 +94,32 @@ class _Files:
 
     def resampler(self) -> Path:
         from minicpmv_edge.export.resampler_weights import write_resampler_weights
-        path = self.dir / f"resampler-{self.name}-f32.mvr"
+        path = self.dir / file_name(FileKind.RESAMPLER_WEIGHTS, self.name, "f32")
         if not path.exists():
             write_resampler_weights(self.ckpt, path, "f32")
         return path
 
     def mmproj(self, qtype: str) -> Path:
         from minicpmv_edge.export.gguf_mmproj import write_mmproj_gguf
-        path = self.dir / f"mmproj-{self.name}-{qtype}.gguf"
+        path = self.dir / file_name(FileKind.MMPROJ_GGUF, self.name, qtype)
         if not path.exists():
             write_mmproj_gguf(self.ckpt, path, qtype)
         return path
 
 
 def _model(ckpt, llm_path: Path, vision_path: Path, resampler_path: Path, threads: int):
-    """A MiniCPMV session over explicit files (the sweep builds cells, not bundles)."""
+    """A MiniCPMV session over explicit files (the sweep builds cells, not bundles), with the preprocessing and
+    prompt sections a bundle of this checkpoint would carry."""
+    from minicpmv_edge.export.bundle import preprocess_section, prompt_section
     from minicpmv_edge.runtime.decoder import Decoder
-    from minicpmv_edge.runtime.prompt import PromptFormat
     from minicpmv_edge.runtime.resampler import load_resampler
-    from minicpmv_edge.runtime.session import MiniCPMV, PreprocessConfig
+    from minicpmv_edge.runtime.session import MiniCPMV
     from minicpmv_edge.runtime.vision import OnnxVision
-    f, pp = ckpt.facts, ckpt.preprocess
-    fmt = PromptFormat(ckpt.chat_template, f.special_tokens, pp.use_image_id, ckpt.resampler.query_num, f.thinking,
-                       f.default_system_prompt, f.bos_token, f.stop_tokens[0])
-    cfg = PreprocessConfig(pp.slice_size, pp.patch_size, pp.max_slice_nums, pp.norm_mean, pp.norm_std, f.slicing,
-                           ckpt.vision.num_patches_per_side)
-    return MiniCPMV(facts=f, decoder=Decoder(llm_path, threads=threads, n_ctx=4096),
-                    vision=OnnxVision(vision_path, threads=threads),
-                    resampler=load_resampler(resampler_path, threads=threads), prompt_format=fmt, preprocess=cfg)
+    cfg = preprocess_section(ckpt).config()
+    return MiniCPMV(facts=ckpt.facts, decoder=Decoder(llm_path, threads=threads, n_ctx=4096),
+                    vision=OnnxVision(vision_path, threads=threads, num_patches_per_side=cfg.num_patches_per_side),
+                    resampler=load_resampler(resampler_path, threads=threads),
+                    prompt_format=prompt_section(ckpt).format(), preprocess=cfg)
 
 
 def run_sweep(checkpoint: str | Path, out: str | Path, *, llm_types=DEFAULT_LLM, vision_types=DEFAULT_VISION,

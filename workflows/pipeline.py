@@ -19,22 +19,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minicpmv_edge.errors import MiniCPMVEdgeError
+from minicpmv_edge.export.bundle import BundleFileSpec
 
-from .checkpoint import Checkpoint
-from .gguf_llm import FLOAT_TYPES, write_llm_gguf
-from .gguf_mmproj import MMPROJ_TYPES, write_mmproj_gguf
+from minicpmv_edge.export.checkpoint import Checkpoint
+from minicpmv_edge.export.gguf_llm import FLOAT_TYPES, write_llm_gguf
+from minicpmv_edge.export.gguf_mmproj import MMPROJ_TYPES, write_mmproj_gguf
+from minicpmv_edge.export.onnx_vision import onnx_file_name
+from minicpmv_edge.runtime.bundle import ONNX_VISION_KINDS, FileKind, file_name
 
 DEFAULT_LLM_TYPES = ("F16", "Q4_K_M", "Q8_0")
 
 
 @dataclass
 class ExportResult:
-    files: dict[str, Path] = field(default_factory=dict)      # "llm:Q4_K_M" / "mmproj:F16" / "vision:fp32" -> path
-    # the exporters' records for vision files (OnnxArtifact / CoremlArtifact): quant recipe, fused ops, io,
-    # deployment target, which the manifest lists
-    artifacts: dict[str, object] = field(default_factory=dict)
+    # every file written, as the manifest lists it (kind, precision, how it was made)
+    files: list[BundleFileSpec] = field(default_factory=list)
+    manifest: Path | None = None
     notes: list[str] = field(default_factory=list)           # e.g. K-quant fallbacks on tiny models
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # by step, for the printout
+
+    def path(self, kind: str, precision: str | None = None) -> Path:
+        """The written file of `kind` (and `precision`, if given)."""
+        for f in self.files:
+            if f.kind == kind and (precision is None or f.precision == precision):
+                return Path(f.path)
+        raise MiniCPMVEdgeError(f"no {kind} file {precision or ''} was exported")
 
 
 def parse_types(text: str, known: tuple[str, ...] | None, what: str) -> list[str]:
@@ -58,9 +67,11 @@ def _progress(desc: str, total: int, enabled: bool):
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types: list[str] | None = None,
                       mmproj_types: list[str] | None = None, vision_types: list[str] | None = None,
                       resampler_types: list[str] | None = None, coreml_types: list[str] | None = None,
-                      name: str | None = None, threads: int | None = None, progress: bool = False,
-                      bundle: bool = True) -> ExportResult:
-    from minicpmv_edge.quantize.gguf_ladder import LADDER, _ftype, ladder_name, quantize_gguf
+                      fused_vision: bool = False, name: str | None = None, threads: int | None = None,
+                      progress: bool = False, bundle: bool = True) -> ExportResult:
+    """`fused_vision` also writes the vision+resampler ONNX graph (fp32) that the runtime can run instead of
+    vision + resampler weights."""
+    from minicpmv_edge.quantize.gguf_ladder import LADDER, llama_ftype, quantize_gguf
 
     ckpt = Checkpoint.open(checkpoint)
     out_dir = Path(out_dir)
@@ -70,7 +81,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types:
     mmproj_types = ["F16"] if mmproj_types is None else list(mmproj_types)
     for t in llm_types:
         if t not in FLOAT_TYPES:
-            _ftype(t)   # raises for unknown quant types before any work starts
+            llama_ftype(t)   # raises for unknown quant types before any work starts
     if coreml_types:
         from minicpmv_edge.quantize.coreml_compress import variant_name
         coreml_types = [variant_name(t) for t in coreml_types]   # likewise for CoreML variants
@@ -83,73 +94,74 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types:
     if temp_f16:
         floats.append("F16")
     llm_bytes = sum(ckpt.tensors[n].numel for n in ckpt.names("llm"))
+    llm_paths: dict[str, Path] = {}
     for t in floats:
         t0 = time.perf_counter()
         bar = _progress(f"LLM {t}", llm_bytes * (4 if t == "F32" else 2), progress)
-        path = write_llm_gguf(ckpt, out_dir / ladder_name(name, t), t,
-                              on_tensor=(lambda _n, nb: bar.update(nb)) if bar else None)
+        llm_paths[t] = write_llm_gguf(ckpt, out_dir / file_name(FileKind.LLM_GGUF, name, t), t,
+                                      on_tensor=(lambda _n, nb: bar.update(nb)) if bar else None)
         if bar:
             bar.close()
-        result.files[f"llm:{t}"] = path
-        result.seconds[f"llm:{t}"] = time.perf_counter() - t0
+        result.seconds[f"llm {t}"] = time.perf_counter() - t0
     for t in quant:
         t0 = time.perf_counter()
         if progress:
             print(f"quantizing {name} -> {t}", flush=True)
-        report = quantize_gguf(result.files["llm:F16"], out_dir / ladder_name(name, t), t, nthread=threads)
-        result.files[f"llm:{t}"] = report.path
-        result.seconds[f"llm:{t}"] = time.perf_counter() - t0
+        report = quantize_gguf(llm_paths["F16"], out_dir / file_name(FileKind.LLM_GGUF, name, t), t, nthread=threads)
+        llm_paths[t] = report.path
+        result.seconds[f"llm {t}"] = time.perf_counter() - t0
         if report.fallback_types:
             fell = ", ".join(f"{k}×{v}" for k, v in sorted(report.fallback_types.items()))
             result.notes.append(f"{t}: llama.cpp used {fell} for tensors whose rows are not a multiple of "
                                 f"the 256-value K-quant block")
     if temp_f16:
-        result.files.pop("llm:F16").unlink()
+        llm_paths.pop("F16").unlink()
+    result.files += [BundleFileSpec(p, FileKind.LLM_GGUF, t) for t, p in llm_paths.items()]
 
     for t in mmproj_types:
         t0 = time.perf_counter()
-        path = write_mmproj_gguf(ckpt, out_dir / f"mmproj-{name}-{t}.gguf", t)
-        result.files[f"mmproj:{t}"] = path
-        result.seconds[f"mmproj:{t}"] = time.perf_counter() - t0
+        path = write_mmproj_gguf(ckpt, out_dir / file_name(FileKind.MMPROJ_GGUF, name, t), t)
+        result.files.append(BundleFileSpec(path, FileKind.MMPROJ_GGUF, t))
+        result.seconds[f"mmproj {t}"] = time.perf_counter() - t0
     vision_types = [] if vision_types is None else list(vision_types)
     float_vision = [t for t in vision_types if t in ("fp32", "fp16")]
     int8 = [t for t in vision_types if t not in ("fp32", "fp16")]
     float_arts = []
-    if float_vision:
-        from .onnx_vision import export_vision_onnx
+    if float_vision or fused_vision:
+        from minicpmv_edge.export.onnx_vision import export_onnx, export_vision_onnx
         t0 = time.perf_counter()
-        float_arts = export_vision_onnx(ckpt, out_dir, name, precisions=float_vision)
-        for art in float_arts:
-            result.artifacts[f"vision:{art.precision}"] = art
+        if float_vision:
+            float_arts = export_vision_onnx(ckpt, out_dir, name, precisions=float_vision)
+        if fused_vision:
+            float_arts.append(export_onnx(ckpt, out_dir / onnx_file_name(name, "fp32", "vision_resampler"),
+                                          graph="vision_resampler"))
+        result.files += [a.record() for a in float_arts]
         result.seconds["vision"] = time.perf_counter() - t0
     if int8:
         from minicpmv_edge.quantize.onnx_int8 import quantize_vision_onnx
         t0 = time.perf_counter()
         # the fp32 graph just written is the int8 recipes' base: no second torch export of the tower
-        for art in quantize_vision_onnx(ckpt, out_dir, name, recipes=int8, reuse=float_arts):
-            result.artifacts[f"vision:{art.precision}"] = art
-        result.seconds["vision_int8"] = time.perf_counter() - t0
+        reuse = [a for a in float_arts if a.graph == "vision"]
+        result.files += [a.record() for a in quantize_vision_onnx(ckpt, out_dir, name, recipes=int8, reuse=reuse)]
+        result.seconds["vision int8"] = time.perf_counter() - t0
     if coreml_types:
         t0 = time.perf_counter()
-        for art in _export_coreml(ckpt, out_dir, name, coreml_types):
-            result.artifacts[f"coreml:{art.precision}"] = art
+        result.files += [a.record() for a in _export_coreml(ckpt, out_dir, name, coreml_types)]
         result.seconds["coreml"] = time.perf_counter() - t0
-    result.files.update({k: a.path for k, a in result.artifacts.items()})
     for dtype in ([] if resampler_types is None else resampler_types):
-        from .resampler_weights import write_resampler_weights
-        result.files[f"resampler:{dtype}"] = write_resampler_weights(ckpt, out_dir / f"resampler-{name}-{dtype}.mvr",
-                                                                     dtype)
+        from minicpmv_edge.export.resampler_weights import write_resampler_weights
+        path = write_resampler_weights(ckpt, out_dir / file_name(FileKind.RESAMPLER_WEIGHTS, name, dtype), dtype)
+        result.files.append(BundleFileSpec(path, FileKind.RESAMPLER_WEIGHTS, dtype))
     unknown = [t for t in quant if t not in LADDER]
     if unknown:
         result.notes.append(f"types outside the tested ladder: {', '.join(unknown)}")
     if bundle:
-        from .bundle import measure_vision_parity, write_manifest
-        vision_files = [p for k, p in result.files.items() if k.startswith("vision:")]
+        from minicpmv_edge.export.bundle import measure_vision_parity, write_manifest
+        vision_files = [f.path for f in result.files if f.kind in ONNX_VISION_KINDS]
         t0 = time.perf_counter()
         parity = measure_vision_parity(vision_files, ckpt) if vision_files else {}
         result.seconds["parity"] = time.perf_counter() - t0
-        listed = {**result.files, **result.artifacts}
-        result.files["manifest"] = write_manifest(out_dir, ckpt, listed, parity, name=name)
+        result.manifest = write_manifest(out_dir, ckpt, result.files, parity, name=name)
     return result
 
 
@@ -158,7 +170,7 @@ def _export_coreml(ckpt: Checkpoint, out_dir: Path, name: str, types: list[str])
     compressed from the fp16 base when it is asked for too). `types` are already `variant_name`s."""
     from minicpmv_edge.quantize.coreml_compress import compress_vision_coreml
 
-    from .coreml_vision import export_vision_coreml
+    from minicpmv_edge.export.coreml_vision import export_vision_coreml
     names = list(dict.fromkeys(types))
     arts = [export_vision_coreml(ckpt, out_dir, name)] if "fp16" in names else []
     variants = [v for v in names if v != "fp16"]
@@ -181,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--coreml", default="none",
                     help="CoreML vision packages (.mlpackage, for iOS/macOS): fp16, w8 (int8), p4 (4-bit palette), "
                          "w4 (int4, iOS18); 'none' to skip (the default: conversion takes minutes)")
+    ap.add_argument("--fused-vision", action="store_true",
+                    help="also write the vision+resampler ONNX graph (fp32), which the runtime can run instead of "
+                         "the vision graph + resampler weights")
     ap.add_argument("--name", help="file name stem (default: the checkpoint folder's name)")
     ap.add_argument("--threads", type=int, help="quantizer threads (default: all cores)")
     args = ap.parse_args(argv)
@@ -191,13 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     coreml = [] if args.coreml.lower() == "none" else [t.strip().lower() for t in args.coreml.split(",") if t.strip()]
     t0 = time.perf_counter()
     res = export_checkpoint(args.checkpoint, args.out, llm_types=llm, mmproj_types=mmproj, vision_types=vision,
-                            resampler_types=[r.lower() for r in resampler], coreml_types=coreml, name=args.name,
+                            resampler_types=[r.lower() for r in resampler], coreml_types=coreml,
+                            fused_vision=args.fused_vision, name=args.name,
                             threads=args.threads,
                             progress=True)
-    for key, path in res.files.items():
-        took = f", {res.seconds[key]:.1f} s" if key in res.seconds else ""
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
-        print(f"  {key:<14} {path}  ({size / 2**20:.1f} MiB{took})")
+    for f in res.files:
+        path = Path(f.path)
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+        print(f"  {f.kind:<22} {f.precision or '':<8} {path}  ({size / 2**20:.1f} MiB)")
+    if res.manifest:
+        print(f"  manifest {res.manifest}")
+    for step, seconds in res.seconds.items():
+        print(f"  {step}: {seconds:.1f} s")
     for note in res.notes:
         print(f"  note: {note}")
     print(f"exported {args.checkpoint} to {args.out} in {time.perf_counter() - t0:.1f} s")

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out.resolve()   # file URIs (llama.cpp's image path) need an absolute path
 
     from minicpmv_edge.export.checkpoint import Checkpoint
-    from minicpmv_edge.export.pipeline import export_checkpoint
+    from minicpmv_edge.workflows.pipeline import export_checkpoint
     from minicpmv_edge.export.reference import MiniCPMVReference
     from minicpmv_edge.export.synth import synthesize
 
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     t = _step(f"export a bundle -> {bundle}")
     res = export_checkpoint(ckpt_dir, bundle, llm_types=["F32", "Q4_K_M", "Q8_0"], mmproj_types=["F16"],
                             vision_types=["fp32"], resampler_types=["f32"])
-    for key, path in res.files.items():
-        print(f"    {key:<12} {path.name:<40} {path.stat().st_size / 2**20:6.2f} MiB")
+    for f in res.files:
+        print(f"    {f.kind:<18} {f.precision or '':<7} {Path(f.path).name:<40} {Path(f.path).stat().st_size / 2**20:6.2f} MiB")
     for note in res.notes:
         print(f"    note: {note}")
 
@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(image_path)}},
                                              {"type": "text", "text": QUESTION}]}]
 
-    import minicpmv_edge
+    from minicpmv_edge.runtime.bundle import FileKind, load
     t = _step(f"runtime (no torch), F32 GGUF: {QUESTION!r} about {image_path}")
-    model = minicpmv_edge.load(bundle, llm="F32", exact=True)
+    model = load(bundle, llm="F32", exact=True)
     answer = model.chat(messages, greedy=True, max_tokens=args.max_tokens)
     tm = answer.timings
     print(f"    {answer.text!r}")
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"    {len(ids)} tokens in {time.perf_counter() - t:.1f} s; identical to the runtime's: {same}")
 
     t = _step("llama.cpp's own multimodal path (mtmd) on the exported Q8_0 GGUF + mmproj")
-    lc_text = _llama_cpp_answer(res.files["llm:Q8_0"], res.files["mmproj:F16"], image_path, args.max_tokens)
+    lc_text = _llama_cpp_answer(res.path(FileKind.LLM_GGUF, "Q8_0"), res.path(FileKind.MMPROJ_GGUF, "F16"),
+                                image_path, args.max_tokens)
     print(f"    {time.perf_counter() - t:.1f} s: {lc_text!r} (llama.cpp slices and prompts a little differently)")
 
     summary = {"version": args.version, "checkpoint": str(ckpt_dir), "bundle": str(bundle),

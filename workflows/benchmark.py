@@ -158,7 +158,7 @@ class LlamaCppBench:
         import llama_cpp
         from llama_cpp.llama_chat_format import MTMDChatHandler
 
-        from . import llamacpp_log
+        from minicpmv_edge.runtime import llamacpp_log
         llamacpp_log.install()
         self._tmp = None
         if not isinstance(image, str):
@@ -245,7 +245,7 @@ def run_bench(bundle: Path, *, image: Path | None = None, reps: int = 3, n_decod
     """Both paths are loaded and warmed up, then their repetitions alternate (ours, llama.cpp, ours, ...): on a
     shared or thermally throttled machine the speed drifts over minutes, and alternating keeps the drift out
     of the ratios."""
-    from .bundle import Bundle, FileKind, load
+    from minicpmv_edge.runtime.bundle import Bundle, FileKind, load
     b = Bundle.open(bundle)
     model = load(b, llm=llm, vision=vision, threads=threads, n_ctx=n_ctx)
     img = _bench_image(image)
