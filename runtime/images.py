@@ -143,30 +143,35 @@ def decode_data_url(url: str, max_bytes: int | None = None, kind: str = "image")
 
 def read_image_header(source: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None,
                       name: str | None = None) -> ImageHeader:
-    """Any accepted image input -> its bytes (read with a cap) and its checked header, nothing decoded."""
+    """Any accepted image input -> its bytes (read with a cap) and its checked header, nothing decoded.
+    `name` (e.g. "image 2") prefixes what the input is called in messages."""
     if isinstance(source, ImageHeader):
         return source
+
+    def label(what: str) -> str:
+        return f"{name} ({what})" if name else what
     if isinstance(source, Image.Image):
         w, h = source.size
         if w < 1 or h < 1 or w * h > max_pixels:
-            raise ImageInputError(f"{name or 'image'}: {w}x{h} is outside 1..{max_pixels:,} pixels")
-        return ImageHeader(None, source, source.size, name or "PIL image")
+            raise ImageInputError(f"{label('PIL image')}: {w}x{h} is outside 1..{max_pixels:,} pixels")
+        return ImageHeader(None, source, source.size, label("PIL image"))
     if isinstance(source, (bytes, bytearray, memoryview)):
-        data, label = bytes(source), name or "image bytes"
+        data, where = bytes(source), label("image bytes")
         if max_bytes is not None and len(data) > max_bytes:
-            raise ImageInputError(f"{label}: {len(data):,} bytes is over the limit of {max_bytes:,} bytes")
+            raise ImageInputError(f"{where}: {len(data):,} bytes is over the limit of {max_bytes:,} bytes")
     elif isinstance(source, str) and source.startswith("data:"):
-        data, label = decode_data_url(source, max_bytes), name or "data URL image"
+        data, where = decode_data_url(source, max_bytes), label("data URL image")
     elif isinstance(source, str) and _URL_SCHEME.match(source) and not source.lower().startswith("file://"):
         raise ImageInputError(f"{source[:80]}: remote URLs are not fetched by the runtime; pass the bytes or a "
                               "data URL")
     elif isinstance(source, (str, Path)):
         path = Path(str(source)[7:] if str(source).lower().startswith("file://") else source)
-        data, label = read_capped(path, max_bytes, name or str(path)), name or str(path)
+        where = label(str(path))
+        data = read_capped(path, max_bytes, where)
     else:
-        raise ImageInputError(f"{name or 'image'}: unsupported image input of type {type(source).__name__}")
-    img = open_header(data, label, max_pixels)
-    return ImageHeader(data, None, img.size, label)
+        raise ImageInputError(f"{label('image')}: unsupported image input of type {type(source).__name__}")
+    img = open_header(data, where, max_pixels)
+    return ImageHeader(data, None, img.size, where)
 
 
 def _is_path(source: Any) -> bool:

@@ -275,9 +275,9 @@ class MiniCPMV:
         from .video import frame_size, plan_timestamps, plan_video
         facts, fmt = self.facts, self.prompt_format
         temporal = facts.video == "temporal_resampler"
-        if video.packing is not None and not 1 <= video.packing <= facts.max_temporal_packing:
+        if temporal and video.packing is not None and not 1 <= video.packing <= facts.max_temporal_packing:
             raise MiniCPMVEdgeError(f"video packing must be between 1 and {facts.max_temporal_packing} on "
-                                    f"MiniCPM-V {facts.version}, got {video.packing}")
+                                    f"MiniCPM-V {facts.version}, got {video.packing}")   # (no packing without it)
         # the recipe packs up to MAX_NUM_PACKING frames on its own; asking for more raises that bound
         max_packing = max(facts.video_default_packing, video.packing or 0)
         packing = video.packing if temporal else 1
