@@ -8,7 +8,6 @@ from the BPE merge order, which is the sentencepiece-BPE rule (merge the highest
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -23,9 +22,9 @@ _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 def _load_tokenizer_json(ckpt: Checkpoint) -> dict:
     path = ckpt.root / TOKENIZER_JSON
-    if not path.is_file():
+    data = ckpt.tokenizer_json   # read once, bounded and checked (export/checkpoint_checks.py)
+    if data is None:
         raise CheckpointError(path, "file not found (the GGUF export reads the fast tokenizer)")
-    data = json.loads(path.read_text(encoding="utf-8"))
     model = data.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise CheckpointError(path, f"expected a BPE tokenizer, found {model.get('type')!r}", "model.type")

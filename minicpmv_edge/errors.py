@@ -18,6 +18,16 @@ class CheckpointError(MiniCPMVEdgeError):
         super().__init__(f"{where}: {message}")
 
 
+class UntrustedFileError(MiniCPMVEdgeError):
+    """A file from outside breaks a safety rule (minicpmv_edge/untrusted.py): a path that escapes its folder,
+    something that is not a regular file, JSON too large, too deep or with oversized integers."""
+
+    def __init__(self, path: str | Path, message: str, field: str | None = None):
+        self.path = Path(path)
+        self.field = field
+        super().__init__(f"{self.path}" + (f": {field}" if field else "") + f": {message}")
+
+
 class MissingExtraError(MiniCPMVEdgeError):
     """A command needs an optional dependency group that is not installed."""
 
