@@ -105,8 +105,8 @@ def check_fields(obj: Mapping[str, Any], table: Mapping[str, Bound], facts: Mode
             continue
         if not _number_ok(value, bound, facts):
             low = f"({bound.low}" if bound.open_low else f"[{bound.low}"
-            what = "an integer" if bound.kind is int else "a finite number"
-            raise CheckpointError(path, f"{value!r} is not {what} in {low}, {bound.top(facts)}]", where + key)
+            what = "int" if bound.kind is int else "a finite number"
+            raise CheckpointError(path, f"expected {what} in {low}, {bound.top(facts)}], got {value!r}", where + key)
 
 
 def _token_ids_ok(value: Any) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 import gguf
 
 from minicpmv_edge.errors import CheckpointError
+from minicpmv_edge.untrusted import inside, open_regular
 
 from .checkpoint import TOKENIZER_JSON, Checkpoint
 
@@ -72,12 +73,20 @@ def _add_byte_bpe(w: gguf.GGUFWriter, ckpt: Checkpoint, data: dict) -> None:
 
 def _add_spm(w: gguf.GGUFWriter, ckpt: Checkpoint, data: dict) -> None:
     if (ckpt.root / "tokenizer.model").is_file():
-        vocab = gguf.SentencePieceVocab(ckpt.root)
+        for name in ("tokenizer.model", "added_tokens.json"):   # what gguf's reader opens: inside the folder
+            if (ckpt.root / name).exists():
+                open_regular(inside(ckpt.root, name, error=CheckpointError), error=CheckpointError).close()
         tokens, scores, types = [], [], []
-        for text, score, ttype in vocab.all_tokens():
-            tokens.append(text)
-            scores.append(score)
-            types.append(ttype)
+        try:
+            for text, score, ttype in gguf.SentencePieceVocab(ckpt.root).all_tokens():
+                tokens.append(text)
+                scores.append(score)
+                types.append(ttype)
+        except ImportError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a stranger's protobuf can fail in the parser in any way
+            raise CheckpointError(ckpt.root / "tokenizer.model",
+                                  f"not a readable sentencepiece model ({type(exc).__name__})") from None
         for i in range(len(tokens), ckpt.llm.vocab_size):
             tokens.append(f"[PAD{i}]".encode())
             scores.append(-1000.0)

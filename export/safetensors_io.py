@@ -76,7 +76,8 @@ def _entry(path: Path, name: str, entry: object, data_size: int) -> tuple[str, t
         raise bad(f"shape must be a list of at most {_MAX_DIMS} non-negative integers")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1] <= data_size):
-        raise bad(f"data_offsets must be two integers 0 <= begin <= end <= {data_size} (the data size)")
+        raise bad(f"data_offsets must be two integers 0 <= begin <= end <= {data_size}, the data size "
+                  f"(truncated download?)")
     begin, end = offsets
     need = math.prod(shape) * np.dtype(_STORAGE[dtype]).itemsize
     if end - begin != need:

@@ -7,9 +7,9 @@ stays bounded (a config asking for 10^9 layers used > 4 GB before the checks).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +185,74 @@ def test_native_limits_mirror_the_header():
     limits = dict(re.findall(r"#define (MVE_MAX_\w+) (\d+)", header))
     assert {k: int(v) for k, v in limits.items()} == {k: getattr(_native, k) for k in limits}
     assert len(limits) >= 8
+
+
+# ---------------------------------------------------------------------------------------------
+# The chat template's render budget (runtime/template_sandbox.py through runtime/prompt.py)
+
+HOSTILE_TEMPLATES = {
+    "nested range(99999)": ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+                            "range of 99999 items"),
+    "nested range(9999)": ("{% for i in range(9999) %}{% for j in range(9999) %}{% endfor %}{% endfor %}",
+                           "loop iterations"),
+    "string times 10^8": ("{{ 'x' * 100000000 }}", "would make a value"),
+    "list times 10^8": ("{{ (range(10)|list) * 100000000 }}", "would make a value"),
+    "huge power": ("{{ 2 ** 100000000 }}", "bits"),
+    "ljust 10^9": ("{{ 'a'.ljust(999999999) }}", "a call with the number"),
+    "center filter 10^9": ("{{ 'a'|center(999999999) }}", "would make a value"),
+    "percent width": ("{{ '%999999999d' % 1 }}", "format width"),
+    "format width": ("{{ '{:>999999999}'.format(1) }}", "format width"),
+    "replace blow-up": ("{% set s = 'x' * 900000 %}{{ s|replace('', s) }}", "would make a value"),
+    "join blow-up": ("{% set s = 'x' * 900000 %}{{ range(1000)|join(s) }}", "would make a value"),
+    "output 10 MB": ("{% for i in range(10000) %}{{ 'y' * 1000 }}{% endfor %}", "rendered prompt passed"),
+    "recursive macro": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
+    "division by zero": ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    "attribute escape": ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "unsafe"),
+    "syntax error": ("{% for %}", "chat template error"),
+    "not text": (None, "must be text"),
+}
+
+
+def _fmt(template):
+    from minicpmv_edge.facts import facts_for
+    from minicpmv_edge.runtime.prompt import PromptFormat
+    f = facts_for("4.5")
+    return PromptFormat(chat_template=template, special_tokens=f.special_tokens, use_image_id=True, query_num=64,
+                        thinking=False)
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_TEMPLATES))
+def test_hostile_chat_template_refused_in_one_line(name):
+    from minicpmv_edge.runtime.prompt import PromptError, check_chat_template
+    template, words = HOSTILE_TEMPLATES[name]
+    with pytest.raises(PromptError) as exc:
+        check_chat_template(_fmt(template))
+    message = str(exc.value)
+    print(f"\n{name}: {message[:160]}")
+    assert words in message and "\n" not in message.strip()
+
+
+def test_render_time_budget_stops_loops_range_does_not_count():
+    """A triple loop over a list the caller passes (so no range() to count): only the clock can stop it."""
+    from minicpmv_edge.runtime.template_sandbox import BudgetedSandbox, TemplateBudgetError, render_template
+    env = BudgetedSandbox()
+    src = "{% for a in x %}{% for b in x %}{% for c in x %}{% endfor %}{% endfor %}{% endfor %}"
+    with pytest.raises(TemplateBudgetError, match=r"rendering took more than 0.3 s"):
+        render_template(env, src, {"x": list(range(1000))}, seconds=0.3)   # 10^9 iterations: never finishes
+    before = sys.gettrace()
+    assert render_template(env, src, {"x": [1, 2]}, seconds=0.3) == ""   # the same loop, small, renders
+    assert sys.gettrace() is before                                       # the caller's trace function is back
+
+
+@pytest.mark.parametrize("version", ["2.6", "4.0", "4.5"])
+def test_shipped_chat_templates_pass_the_open_check(version):
+    """The templates the exporter ships render the sample conversation within the budget, unchanged."""
+    from minicpmv_edge.facts import facts_for
+    from minicpmv_edge.runtime.prompt import IMAGE_TAG, PromptFormat, check_chat_template, render
+    f = facts_for(version)
+    source = (Path(__file__).resolve().parents[1] / "export" / "templates" / f"{f.chat_template}.jinja").read_text()
+    fmt = PromptFormat(chat_template=source, special_tokens=f.special_tokens, use_image_id=f.use_image_id,
+                       query_num=f.query_num, thinking=f.thinking)
+    check_chat_template(fmt)
+    text = render(fmt, [{"role": "user", "content": f"{IMAGE_TAG}\nhi"}], enable_thinking=False if f.thinking else None)
+    assert "<|im_start|>user\n" + IMAGE_TAG in text
