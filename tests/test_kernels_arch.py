@@ -226,8 +226,8 @@ def test_c_api_fuzz_under_sanitizers(tiny_file):
         assert cases and int(cases.group(1)) > 0, done.stdout
 
 
-def test_libfuzzer_harness(tiny_file, tmp_path):
-    """bindings/tests/mve_libfuzzer.c, coverage-guided from the crafted corpus and the tiny file, for
+def test_libfuzzer_harness(tmp_path):
+    """bindings/tests/mve_libfuzzer.c, coverage-guided from the crafted corpus and small valid files, for
     FUZZ_SECONDS / 2 under ASan + UBSan: libFuzzer exits non-zero on any crash, leak, sanitizer report or
     timeout. Needs clang (setup.sh installs it)."""
     clang = shutil.which("clang")
@@ -244,14 +244,25 @@ def test_libfuzzer_harness(tiny_file, tmp_path):
     assert built.returncode == 0, built.stderr[-4000:]
     seeds = tmp_path / "seeds"
     seeds.mkdir()
-    for path in [*CORPUS.glob("*.mvr"), *tiny_file[1].values()]:
+    for path in CORPUS.glob("*.mvr"):
         shutil.copy(path, seeds / path.name)
+    # small valid files (a few KB, so mutations reach the header and table often and every input runs in ms):
+    # the smallest shape the header allows, and two more
+    rng = np.random.default_rng(0)
+    for dtype, d, c, q, heads in ((0, 4, 4, 1, 1), (1, 8, 4, 2, 2), (0, 16, 8, 4, 4)):
+        header = RS.ResamplerHeader(RS.WeightDType(dtype), d, c, q, heads, 1e-6)
+        blob = bytearray(header.file_size())
+        blob[:len(header.pack())] = header.pack()
+        for row, offset, nbytes, count in header.layout():
+            values = rng.uniform(-0.2, 0.2, count).astype(header.entry_dtype(row).numpy)
+            blob[offset:offset + nbytes] = values.tobytes()
+        (seeds / f"d{d}_c{c}_q{q}_h{heads}.mvr").write_bytes(bytes(blob))
     work = tmp_path / "work"
     work.mkdir()
     seconds = max(1, int(FUZZ_SECONDS / 2))
-    done = subprocess.run([str(exe), f"-max_total_time={seconds}", "-rss_limit_mb=2048", "-timeout=20",
-                           "-print_final_stats=1", str(work), str(seeds)], capture_output=True, text=True,
-                          env={**os.environ, **SANITIZER_ENV}, timeout=120 + seconds)
+    done = subprocess.run([str(exe), f"-max_total_time={seconds}", "-max_len=16384", "-rss_limit_mb=2048",
+                           "-timeout=20", "-print_final_stats=1", str(work), str(seeds)], capture_output=True,
+                          text=True, env={**os.environ, **SANITIZER_ENV}, timeout=120 + seconds)
     runs = re.search(r"stat::number_of_executed_units:\s*(\d+)", done.stderr)
     print(f"\nlibFuzzer: {runs.group(1) if runs else '?'} inputs executed in {seconds} s")
     _no_sanitizer_report(done)
