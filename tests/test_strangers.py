@@ -78,8 +78,8 @@ def test_crafted_checkpoints_one_line_errors(corpus):
             if "llm." in case.fields[0]:
                 assert not [n for n in outputs if n.endswith(".gguf")], outputs
         slowest = max(slowest, rec["seconds"])
+    # a case past CASE_TIMEOUT_S is stopped by the worker's alarm and fails above as a traceback (_Timeout)
     print(f"\ncheckpoints: slowest case {slowest:.2f} s (timeout {CASE_TIMEOUT_S} s); worker peak RSS {peak:.0f} MiB")
-    assert slowest < CASE_TIMEOUT_S
     assert peak < PEAK_RSS_MB
 
 
@@ -92,7 +92,6 @@ def test_crafted_weight_files_refused_by_both_parsers(corpus):
         assert "\n" not in rec["stderr"]
         _assert_names(case, rec["stderr"])
         assert rec["numpy"] is not None, f"{case.name}: the numpy backend loaded it"
-        assert rec["seconds"] < CASE_TIMEOUT_S
 
 
 def test_issue_cases_name_the_field(corpus):
