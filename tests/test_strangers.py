@@ -198,8 +198,9 @@ def test_native_limits_mirror_the_header():
 HOSTILE_TEMPLATES = {
     "nested range(99999)": ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
                             "range of 99999 items"),
+    # stopped by the iteration count, or by the clock first on a loaded machine: either is the budget
     "nested range(9999)": ("{% for i in range(9999) %}{% for j in range(9999) %}{% endfor %}{% endfor %}",
-                           "loop iterations"),
+                           ("loop iterations", "rendering took more than")),
     "string times 10^8": ("{{ 'x' * 100000000 }}", "would make a value"),
     "list times 10^8": ("{{ (range(10)|list) * 100000000 }}", "would make a value"),
     "huge power": ("{{ 2 ** 100000000 }}", "bits"),
@@ -234,7 +235,8 @@ def test_hostile_chat_template_refused_in_one_line(name):
         check_chat_template(_fmt(template))
     message = str(exc.value)
     print(f"\n{name}: {message[:160]}")
-    assert words in message and "\n" not in message.strip()
+    assert any(w in message for w in ((words,) if isinstance(words, str) else words)), message
+    assert "\n" not in message.strip()
 
 
 def test_render_time_budget_stops_loops_range_does_not_count():
