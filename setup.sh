@@ -7,20 +7,20 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 
 # Cross toolchain for the native kernels' aarch64 tests (tests/test_kernels_arch.py cross-builds the NEON path
-# with gcc-aarch64-linux-gnu and runs it under qemu-aarch64). Skipped, with a message, where apt-get or root is
-# missing; those tests then skip themselves.
-if command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null; then
+# with gcc-aarch64-linux-gnu and runs it under qemu-aarch64), and clang for the libFuzzer harness of the weights
+# parser. Skipped, with a message, where apt-get or root is missing; those tests then skip themselves.
+if command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null && command -v clang >/dev/null; then
   :
 elif ! command -v apt-get >/dev/null; then
-  echo "setup: no apt-get here; skipping gcc-aarch64-linux-gnu + qemu-user (the aarch64 kernel tests will skip)"
+  echo "setup: no apt-get here; skipping gcc-aarch64-linux-gnu + qemu-user + clang (the aarch64 and libFuzzer tests will skip)"
 elif [ "$(id -u)" -ne 0 ] && ! sudo -n true 2>/dev/null; then
-  echo "setup: not root; skipping gcc-aarch64-linux-gnu + qemu-user (the aarch64 kernel tests will skip)"
+  echo "setup: not root; skipping gcc-aarch64-linux-gnu + qemu-user + clang (the aarch64 and libFuzzer tests will skip)"
 else
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
-  echo "setup: installing gcc-aarch64-linux-gnu and qemu-user (apt)..."
+  echo "setup: installing gcc-aarch64-linux-gnu, qemu-user and clang (apt)..."
   $SUDO apt-get update -q >/dev/null && \
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q gcc-aarch64-linux-gnu qemu-user >/dev/null || \
-    echo "setup: apt-get install failed; the aarch64 kernel tests will skip"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q gcc-aarch64-linux-gnu qemu-user clang >/dev/null || \
+    echo "setup: apt-get install failed; the aarch64 and libFuzzer tests will skip"
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=(.venv/bin/pip install --disable-pip-version-check -q)

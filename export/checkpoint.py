@@ -21,7 +21,10 @@ import numpy as np
 
 from minicpmv_edge.errors import CheckpointError
 from minicpmv_edge.facts import ModelFacts, UnknownVersionError, facts_for
+from minicpmv_edge.untrusted import inside, read_json
 
+from .checkpoint_checks import (check_config, check_preprocessor, check_tokenizer_config, check_weight_map,
+                                read_chat_template, read_tokenizer_json)
 from .safetensors_io import SafetensorsFormatError, TensorInfo, load_tensor, read_header
 
 CONFIG = "config.json"
@@ -139,6 +142,9 @@ def parse_config(raw: dict[str, Any], path: Path = Path(CONFIG),
         facts = facts_for(raw["version"])
     except UnknownVersionError as exc:
         raise CheckpointError(path, str(exc), "version") from None
+    # bounds first (export/checkpoint_checks.py): nothing below sizes anything from an unchecked number
+    check_config(raw, facts, path)
+    check_preprocessor(preprocessor, facts, preprocessor_path)
     num = (int, float)
 
     vc = raw.get("vision_config")
@@ -285,17 +291,19 @@ def expected_tensors(cfg: CheckpointConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _read_json(path: Path, required: bool = True) -> dict[str, Any] | None:
-    if not path.is_file():
+    """A JSON object from the checkpoint folder: a regular file inside it, bounded size, depth and integers."""
+    if not path.exists() and not path.is_symlink():
         if required:
             raise CheckpointError(path, "file not found")
         return None
+    return read_json(inside(path.parent, path.name, error=CheckpointError), error=CheckpointError)
+
+
+def _headers(path: Path) -> dict[str, TensorInfo]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(path, f"not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(path, "top level must be a JSON object")
-    return data
+        return read_header(path)
+    except SafetensorsFormatError as exc:
+        raise CheckpointError(exc.path, exc.message, exc.field) from None
 
 
 def _index_tensors(root: Path) -> dict[str, TensorInfo]:
@@ -303,23 +311,20 @@ def _index_tensors(root: Path) -> dict[str, TensorInfo]:
     index_path = root / SAFETENSORS_INDEX
     if index_path.is_file():
         index = _read_json(index_path)
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(index_path, "missing or empty", "weight_map")
+        weight_map = check_weight_map(index, root, index_path)
         shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (root / s).is_file()]
+        for s in shards:
+            inside(root, s, error=CheckpointError, source=index_path, field="weight_map")
+        missing = [s for s in shards if not (root / s).exists()]
         if missing:
             raise CheckpointError(index_path, f"names shard file(s) that are not in the folder: {', '.join(missing)}",
                                   "weight_map")
         infos: dict[str, TensorInfo] = {}
         for shard in shards:
-            try:
-                for name, info in read_header(root / shard).items():
-                    if name in infos:
-                        raise CheckpointError(root / shard, f"tensor {name} also stored in {infos[name].file.name}")
-                    infos[name] = info
-            except SafetensorsFormatError as exc:
-                raise CheckpointError(root / shard, str(exc).split(": ", 1)[-1]) from None
+            for name, info in _headers(root / shard).items():
+                if name in infos:
+                    raise CheckpointError(root / shard, f"tensor {name} also stored in {infos[name].file.name}")
+                infos[name] = info
         listed_elsewhere = [n for n, s in weight_map.items() if n in infos and infos[n].file.name != s]
         absent = [n for n in weight_map if n not in infos]
         if absent or listed_elsewhere:
@@ -332,10 +337,7 @@ def _index_tensors(root: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(root, f"no {SINGLE_SAFETENSORS} or {SAFETENSORS_INDEX} (weights must be safetensors)")
     if len(files) > 1:
         raise CheckpointError(root, f"{len(files)} .safetensors files but no {SAFETENSORS_INDEX} to say which is which")
-    try:
-        return read_header(files[0])
-    except SafetensorsFormatError as exc:
-        raise CheckpointError(files[0], str(exc).split(": ", 1)[-1]) from None
+    return _headers(inside(root, files[0].name, error=CheckpointError))
 
 
 @dataclass
@@ -360,14 +362,16 @@ class Checkpoint:
         if not (root / TOKENIZER_JSON).is_file() and not (root / "vocab.json").is_file():
             raise CheckpointError(root / TOKENIZER_JSON, "file not found (nor vocab.json + merges.txt)")
         tok_cfg = _read_json(root / TOKENIZER_CONFIG)
+        check_tokenizer_config(tok_cfg, root / TOKENIZER_CONFIG)
         template = tok_cfg.get("chat_template")
-        if (root / CHAT_TEMPLATE_JINJA).is_file():
-            template = (root / CHAT_TEMPLATE_JINJA).read_text(encoding="utf-8")
+        if (root / CHAT_TEMPLATE_JINJA).exists():
+            template = read_chat_template(inside(root, CHAT_TEMPLATE_JINJA, error=CheckpointError))
         if isinstance(template, list):  # list-of-named-templates form
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
         infos = _index_tensors(root)
         ckpt = cls(root, cfg, infos, [], tok_cfg, template)
         ckpt._validate_tensors()
+        ckpt.tokenizer_json  # read and checked now, so a broken tokenizer fails `inspect`, not an export later
         return ckpt
 
     def _validate_tensors(self) -> None:
@@ -431,7 +435,10 @@ class Checkpoint:
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(self.root, "no such tensor in this checkpoint", name)
-        return load_tensor(info, dtype)
+        try:
+            return load_tensor(info, dtype)
+        except SafetensorsFormatError as exc:   # NaN or infinity: refused here, so no exporter writes it out
+            raise CheckpointError(exc.path, exc.message, exc.field) from None
 
     def iter_tensors(self, role: str, strip_prefix: bool = False) -> Iterator[tuple[str, np.ndarray]]:
         prefix = ROLE_PREFIXES[role]
@@ -443,12 +450,19 @@ class Checkpoint:
         return sum(self.tensors[n].numel for n in names)
 
     @functools.cached_property
+    def tokenizer_json(self) -> dict[str, Any] | None:
+        """tokenizer.json, read once and checked (export/checkpoint_checks.py); None without one."""
+        path = self.root / TOKENIZER_JSON
+        if not path.exists() and not path.is_symlink():
+            return None
+        return read_tokenizer_json(inside(self.root, TOKENIZER_JSON, error=CheckpointError))
+
+    @functools.cached_property
     def _token_table(self) -> dict[str, int]:
         """Token string -> id from tokenizer_config.json and tokenizer.json, read once."""
         table: dict[str, int] = {}
-        tok_json = self.root / TOKENIZER_JSON
-        if tok_json.is_file():
-            data = _read_json(tok_json)
+        data = self.tokenizer_json
+        if data is not None:
             vocab = (data.get("model") or {}).get("vocab") or {}
             if isinstance(vocab, dict):
                 table.update({t: int(i) for t, i in vocab.items()})

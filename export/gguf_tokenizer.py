@@ -8,13 +8,13 @@ from the BPE merge order, which is the sentencepiece-BPE rule (merge the highest
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import gguf
 
 from minicpmv_edge.errors import CheckpointError
+from minicpmv_edge.untrusted import inside, open_regular
 
 from .checkpoint import TOKENIZER_JSON, Checkpoint
 
@@ -23,9 +23,9 @@ _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 def _load_tokenizer_json(ckpt: Checkpoint) -> dict:
     path = ckpt.root / TOKENIZER_JSON
-    if not path.is_file():
+    data = ckpt.tokenizer_json   # read once, bounded and checked (export/checkpoint_checks.py)
+    if data is None:
         raise CheckpointError(path, "file not found (the GGUF export reads the fast tokenizer)")
-    data = json.loads(path.read_text(encoding="utf-8"))
     model = data.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise CheckpointError(path, f"expected a BPE tokenizer, found {model.get('type')!r}", "model.type")
@@ -73,12 +73,20 @@ def _add_byte_bpe(w: gguf.GGUFWriter, ckpt: Checkpoint, data: dict) -> None:
 
 def _add_spm(w: gguf.GGUFWriter, ckpt: Checkpoint, data: dict) -> None:
     if (ckpt.root / "tokenizer.model").is_file():
-        vocab = gguf.SentencePieceVocab(ckpt.root)
+        for name in ("tokenizer.model", "added_tokens.json"):   # what gguf's reader opens: inside the folder
+            if (ckpt.root / name).exists():
+                open_regular(inside(ckpt.root, name, error=CheckpointError), error=CheckpointError).close()
         tokens, scores, types = [], [], []
-        for text, score, ttype in vocab.all_tokens():
-            tokens.append(text)
-            scores.append(score)
-            types.append(ttype)
+        try:
+            for text, score, ttype in gguf.SentencePieceVocab(ckpt.root).all_tokens():
+                tokens.append(text)
+                scores.append(score)
+                types.append(ttype)
+        except ImportError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a stranger's protobuf can fail in the parser in any way
+            raise CheckpointError(ckpt.root / "tokenizer.model",
+                                  f"not a readable sentencepiece model ({type(exc).__name__})") from None
         for i in range(len(tokens), ckpt.llm.vocab_size):
             tokens.append(f"[PAD{i}]".encode())
             scores.append(-1000.0)

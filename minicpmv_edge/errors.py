@@ -8,23 +8,26 @@ class MiniCPMVEdgeError(Exception):
     """Base for every error the CLI reports as one line instead of a traceback."""
 
 
-class CheckpointError(MiniCPMVEdgeError):
-    """A checkpoint directory is missing a file, a field or a tensor, or holds an inconsistent value."""
-
-    def __init__(self, path: str | Path, message: str, field: str | None = None):
-        self.path = Path(path)
-        self.field = field
-        where = f"{self.path}" + (f": {field}" if field else "")
-        super().__init__(f"{where}: {message}")
-
-
-class BundleError(MiniCPMVEdgeError):
-    """A bundle's manifest.json is malformed or out of range, or a file it lists is missing or changed."""
+class FileError(MiniCPMVEdgeError):
+    """Something wrong in one file: the message starts with the file and the field, then what is wrong."""
 
     def __init__(self, path: str | Path, message: str, field: str | None = None):
         self.path = Path(path)
         self.field = field
         super().__init__(f"{self.path}" + (f": {field}" if field else "") + f": {message}")
+
+
+class CheckpointError(FileError):
+    """A checkpoint directory is missing a file, a field or a tensor, or holds an inconsistent value."""
+
+
+class BundleError(FileError):
+    """A bundle's manifest.json is malformed or out of range, or a file it lists is missing or changed."""
+
+
+class UntrustedFileError(FileError):
+    """A file from outside breaks a safety rule (minicpmv_edge/untrusted.py): a path that escapes its folder,
+    something that is not a regular file, JSON too large, too deep or with oversized integers."""
 
 
 class PromptError(MiniCPMVEdgeError):

@@ -23,9 +23,10 @@ from datetime import datetime
 from typing import Any, Callable, Mapping, Sequence
 
 from jinja2.exceptions import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from minicpmv_edge.errors import PromptError
+
+from .template_sandbox import BudgetedSandbox, render_template
 
 # The user-side image tag HF `model.chat()` writes for every image in a message (docs/prompt.md).
 IMAGE_TAG = "(<image>./</image>)"
@@ -44,7 +45,8 @@ def _raise(message: str):
     raise TemplateError(message)
 
 
-_ENV = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+# The sandbox with a render budget (runtime/template_sandbox.py): time, loop iterations, output and value size.
+_ENV = BudgetedSandbox(trim_blocks=True, lstrip_blocks=True)
 _ENV.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt))
 
 
@@ -69,12 +71,36 @@ def render(fmt: PromptFormat, messages: Sequence[Mapping[str, Any]], *, enable_t
         extra["enable_thinking"] = bool(enable_thinking)
     elif enable_thinking:
         raise PromptError("this model's chat template has no thinking mode")
+    if not isinstance(fmt.chat_template, str):
+        raise PromptError(f"chat template must be text, not {type(fmt.chat_template).__name__}")
+    variables = dict(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                     bos_token=fmt.bos_token or "", eos_token=fmt.eos_token or "", **extra)
     try:
-        template = _ENV.from_string(fmt.chat_template)
-        return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                               bos_token=fmt.bos_token or "", eos_token=fmt.eos_token or "", **extra)
+        return render_template(_ENV, fmt.chat_template, variables)
     except TemplateError as exc:
         raise PromptError(f"chat template error: {exc}") from None
+    except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError, RecursionError,
+            MemoryError) as exc:   # a stranger's template can fail in any of these ways: one line, no traceback
+        raise PromptError(f"chat template error: {type(exc).__name__}: {exc}") from None
+
+
+# A conversation that exercises what a chat template is given: an image tag, two turns (no system message: some
+# templates refuse one, and that is not a fault).
+_SAMPLE_MESSAGES = (
+    {"role": "user", "content": f"{IMAGE_TAG}\nWhat is in the image?"},
+    {"role": "assistant", "content": "A cat."},
+    {"role": "user", "content": "What colour is it?"},
+)
+
+
+def check_chat_template(fmt: PromptFormat) -> None:
+    """Render a sample conversation once, under the render budget, so a bundle whose template does not compile,
+    loops or explodes is refused when it is opened (PromptError), not on its first request."""
+    for thinking in ((False, True) if fmt.thinking else (None,)):
+        text = render(fmt, _SAMPLE_MESSAGES, enable_thinking=thinking)
+        if IMAGE_TAG not in text:
+            raise PromptError("chat template error: the rendered sample conversation lost the image tag "
+                              f"{IMAGE_TAG} (the template must keep message content)")
 
 
 def image_placeholder(grid: tuple[int, int] | None, image_index: int, *, use_image_id: bool, query_num: int,

@@ -44,6 +44,7 @@ from typing import Sequence
 import numpy as np
 
 from minicpmv_edge.errors import MiniCPMVEdgeError
+from minicpmv_edge.untrusted import open_regular
 
 __all__ = [
     "MAGIC", "FORMAT_VERSION", "WeightDType", "Tensor", "LAYOUT", "ResamplerHeader", "ResamplerFormatError",
@@ -194,11 +195,31 @@ class ResamplerHeader:
         return blob
 
 
+def _format_error(path: Path, message: str, field: str | None = None) -> ResamplerFormatError:
+    return ResamplerFormatError(f"{path}: " + (f"{field}: " if field else "") + message)
+
+
+def _check_header_bounds(path: Path, d: int, c: int, q: int, heads: int, eps: float) -> None:
+    """The bounds bindings/src/weights.c checks (mve.h MVE_MAX_*: the model facts with headroom)."""
+    from minicpmv_edge import _native as n
+    if d < 4 or d > n.MVE_MAX_EMBED_DIM or d % 4:
+        raise ResamplerFormatError(f"{path}: embed_dim {d} is not a multiple of 4 in [4, {n.MVE_MAX_EMBED_DIM}]")
+    for field, value, top in (("kv_dim", c, n.MVE_MAX_KV_DIM), ("query_num", q, n.MVE_MAX_QUERY_NUM),
+                              ("num_heads", heads, n.MVE_MAX_HEADS)):
+        if not 1 <= value <= top:
+            raise ResamplerFormatError(f"{path}: {field} {value} out of range [1, {top}]")
+    if heads * q > n.MVE_MAX_ATTENTION_ROWS:
+        raise ResamplerFormatError(f"{path}: num_heads {heads} x query_num {q} is more than "
+                                   f"{n.MVE_MAX_ATTENTION_ROWS} attention rows")
+    if not 0.0 < eps <= 1.0:
+        raise ResamplerFormatError(f"{path}: layer_norm_eps {eps} is not a number in (0, 1]")
+
+
 def read_header(path: str | Path) -> ResamplerHeader:
     """Parse and check a weights file's header and tensor table (no tensor data is read)."""
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_regular(path, error=_format_error) as f:   # a FIFO fails here instead of blocking
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(HEADER.size + ENTRY.size * len(LAYOUT))
     if len(raw) < HEADER.size or raw[:8] != MAGIC:
         raise ResamplerFormatError(f"{path}: not a resampler weights file (no {MAGIC.decode()} magic)")
@@ -208,6 +229,7 @@ def read_header(path: str | Path) -> ResamplerHeader:
     if dtype not in (0, 1) or n_tensors != len(LAYOUT) or not (d and c and q and heads) or d % heads:
         raise ResamplerFormatError(f"{path}: inconsistent header (dtype {dtype}, {n_tensors} tensors, D={d}, "
                                    f"C={c}, Q={q}, heads={heads})")
+    _check_header_bounds(path, d, c, q, heads, eps)
     if file_size != size:
         raise ResamplerFormatError(f"{path}: header says {file_size} bytes, the file has {size} (truncated?)")
     header = ResamplerHeader(WeightDType(dtype), d, c, q, heads, float(eps))
@@ -321,6 +343,9 @@ class NumpyResampler(_Resampler):
     def __init__(self, path: str | Path):
         self.header, stored = read_resampler_file(path)
         self.t = {k: np.asarray(v, dtype=np.float32) for k, v in stored.items()}
+        for k, v in self.t.items():   # as bindings/src/weights.c does: a NaN weight never reaches a result
+            if not np.isfinite(v).all():
+                raise ResamplerFormatError(f"{path}: tensor {LAYOUT[k].source}: holds NaN or infinity")
         self._pos: dict[tuple[int, int], np.ndarray] = {}
 
     def _ln(self, x: np.ndarray, g: Tensor, b: Tensor) -> np.ndarray:

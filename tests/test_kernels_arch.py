@@ -13,6 +13,7 @@ The cross and sanitizer builds live in build/tests-* and are incremental, so rer
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -191,16 +192,78 @@ def test_aarch64_neon_under_qemu(aarch64_check, tiny_file, mid, tmp_path):
 # The C API under AddressSanitizer
 
 
+CORPUS = ROOT / "bindings" / "tests" / "corpus"   # weights files that once crashed libmve
+# Seconds of random fuzzing per run of the suite (CI runs it on every change; set MVE_FUZZ_SECONDS for longer).
+FUZZ_SECONDS = float(os.environ.get("MVE_FUZZ_SECONDS", "30"))
+SANITIZE = "-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined -O1 -g"
+SANITIZER_ENV = {"ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0", "UBSAN_OPTIONS": "print_stacktrace=1"}
+
+
+def _no_sanitizer_report(done: subprocess.CompletedProcess) -> None:
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "Sanitizer" not in done.stderr and "runtime error" not in done.stderr, done.stderr[-4000:]
+
+
 def test_c_api_fuzz_under_sanitizers(tiny_file):
+    """The scripted fuzzer, the crafted corpus (each file loaded with every fold and run small, large, small,
+    temporal), then FUZZ_SECONDS of random shapes and mutations, all under ASan + UBSan: 0 findings."""
     if not shutil.which("cmake") or not shutil.which("gcc"):
         pytest.skip("needs cmake and gcc")
-    flags = "-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined -O1 -g"
-    bindir = _cmake_build(BUILD / "tests-asan", "-DCMAKE_BUILD_TYPE=Debug", f"-DCMAKE_C_FLAGS={flags}")
-    env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0", "UBSAN_OPTIONS": "print_stacktrace=1"}
-    for seed, (dt, path) in enumerate(tiny_file[1].items()):
-        done = subprocess.run([str(bindir / "mve_fuzz"), str(path), str(seed)], capture_output=True, text=True,
-                              env=env, timeout=300)
+    crafted = sorted(CORPUS.glob("*.mvr"))
+    assert crafted, f"no crafted files in {CORPUS}"
+    bindir = _cmake_build(BUILD / "tests-asan", "-DCMAKE_BUILD_TYPE=Debug", f"-DCMAKE_C_FLAGS={SANITIZE}")
+    env = {**os.environ, **SANITIZER_ENV}
+    files = list(tiny_file[1].items())
+    for seed, (dt, path) in enumerate(files):
+        args = [str(bindir / "mve_fuzz"), str(path), str(seed), "--seconds", str(FUZZ_SECONDS / len(files)),
+                *map(str, crafted)]
+        done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300 + FUZZ_SECONDS)
         print("\n" + done.stdout.strip())
-        assert done.returncode == 0, done.stdout + done.stderr[-4000:]
-        assert "Sanitizer" not in done.stderr and "runtime error" not in done.stderr, done.stderr[-4000:]
+        _no_sanitizer_report(done)
         assert "0 failures" in done.stdout
+        assert f"crafted {crafted[0]}:" in done.stdout
+        cases = re.search(r"random phase: (\d+) cases executed", done.stdout)
+        assert cases and int(cases.group(1)) > 0, done.stdout
+
+
+def test_libfuzzer_harness(tmp_path):
+    """bindings/tests/mve_libfuzzer.c, coverage-guided from the crafted corpus and small valid files, for
+    FUZZ_SECONDS / 2 under ASan + UBSan: libFuzzer exits non-zero on any crash, leak, sanitizer report or
+    timeout. Needs clang (setup.sh installs it)."""
+    clang = shutil.which("clang")
+    if not clang:
+        pytest.skip("needs clang with libFuzzer (setup.sh installs it with apt)")
+    src = ROOT / "bindings"
+    exe = BUILD / "tests-libfuzzer" / "mve_libfuzzer"
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    sources = [src / "src" / f for f in ("mve_core.c", "dispatch.c", "pool.c", "gemm.c", "weights.c",
+                                          "resampler.c")] + [src / "tests" / "mve_libfuzzer.c"]
+    built = subprocess.run([clang, "-fsanitize=fuzzer", *SANITIZE.split(), "-std=gnu11", f"-I{src / 'include'}",
+                            f"-I{src / 'src'}", *map(str, sources), "-lm", "-lpthread", "-o", str(exe)],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-4000:]
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    for path in CORPUS.glob("*.mvr"):
+        shutil.copy(path, seeds / path.name)
+    # small valid files (a few KB, so mutations reach the header and table often and every input runs in ms):
+    # the smallest shape the header allows, and two more
+    rng = np.random.default_rng(0)
+    for dtype, d, c, q, heads in ((0, 4, 4, 1, 1), (1, 8, 4, 2, 2), (0, 16, 8, 4, 4)):
+        header = RS.ResamplerHeader(RS.WeightDType(dtype), d, c, q, heads, 1e-6)
+        blob = bytearray(header.file_size())
+        blob[:len(header.pack())] = header.pack()
+        for row, offset, nbytes, count in header.layout():
+            values = rng.uniform(-0.2, 0.2, count).astype(header.entry_dtype(row).numpy)
+            blob[offset:offset + nbytes] = values.tobytes()
+        (seeds / f"d{d}_c{c}_q{q}_h{heads}.mvr").write_bytes(bytes(blob))
+    work = tmp_path / "work"
+    work.mkdir()
+    seconds = max(1, int(FUZZ_SECONDS / 2))
+    done = subprocess.run([str(exe), f"-max_total_time={seconds}", "-max_len=16384", "-rss_limit_mb=2048",
+                           "-timeout=20", "-print_final_stats=1", str(work), str(seeds)], capture_output=True,
+                          text=True, env={**os.environ, **SANITIZER_ENV}, timeout=120 + seconds)
+    runs = re.search(r"stat::number_of_executed_units:\s*(\d+)", done.stderr)
+    print(f"\nlibFuzzer: {runs.group(1) if runs else '?'} inputs executed in {seconds} s")
+    _no_sanitizer_report(done)
+    assert runs and int(runs.group(1)) > 0, done.stderr[-4000:]

@@ -98,10 +98,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types:
     for t in floats:
         t0 = time.perf_counter()
         bar = _progress(f"LLM {t}", llm_bytes * (4 if t == "F32" else 2), progress)
-        llm_paths[t] = write_llm_gguf(ckpt, out_dir / file_name(FileKind.LLM_GGUF, name, t), t,
-                                      on_tensor=(lambda _n, nb: bar.update(nb)) if bar else None)
-        if bar:
-            bar.close()
+        try:
+            llm_paths[t] = write_llm_gguf(ckpt, out_dir / file_name(FileKind.LLM_GGUF, name, t), t,
+                                          on_tensor=(lambda _n, nb: bar.update(nb)) if bar else None)
+        finally:   # also on an error, so the error line does not land on the progress bar's line
+            if bar:
+                bar.close()
         result.seconds[f"llm {t}"] = time.perf_counter() - t0
     for t in quant:
         t0 = time.perf_counter()

@@ -37,6 +37,14 @@ MVE_MAX_GRID_SIDE = 1024
 MVE_MAX_PATCHES = 65536
 MVE_MAX_THREADS = 64
 
+# what a weights file's header may say (mve.h: the model facts with headroom); runtime/resampler.py's parser checks
+# the same bounds
+MVE_MAX_EMBED_DIM = 8192
+MVE_MAX_KV_DIM = 4096
+MVE_MAX_QUERY_NUM = 256
+MVE_MAX_HEADS = 64
+MVE_MAX_ATTENTION_ROWS = 4096
+
 
 class mve_resampler_options(Structure):
     """typedef struct mve_resampler_options { int32_t n_threads; int32_t fold; const char *kernel;

@@ -73,6 +73,16 @@ enum {
 #define MVE_MAX_PATCHES 65536
 #define MVE_MAX_THREADS 64
 
+/* What a weights file's header may say, from the model facts (minicpmv_edge/facts.py) with headroom: the
+ * resampler's width is the LLM's hidden size (3584 / 2560 / 4096 in 2.6 / 4.0 / 4.5), its input the ViT width
+ * (1152), 64 queries, heads of 128. The 2D position term splits the width into x and y halves of sin and cos,
+ * so embed_dim is a multiple of 4. num_heads x query_num bounds the attention rows every call computes. */
+#define MVE_MAX_EMBED_DIM 8192
+#define MVE_MAX_KV_DIM 4096
+#define MVE_MAX_QUERY_NUM 256
+#define MVE_MAX_HEADS 64
+#define MVE_MAX_ATTENTION_ROWS 4096
+
 typedef struct mve_resampler_options {
     int32_t n_threads;        /* worker count including the caller, 1..MVE_MAX_THREADS (0 means 1) */
     int32_t fold;             /* MVE_FOLD_*; the default is MVE_FOLD_FULL */

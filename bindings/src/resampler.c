@@ -78,7 +78,7 @@ struct mve_resampler {
 /* ============================================================================================ helpers */
 
 static void *alloc_aligned(size_t bytes, void **raw) {
-    *raw = malloc(bytes + 64);
+    *raw = bytes <= SIZE_MAX - 64 ? malloc(bytes + 64) : NULL;
     if (!*raw) return NULL;
     return (void *)(((uintptr_t)*raw + 63) & ~(uintptr_t)63);
 }
@@ -86,6 +86,7 @@ static void *alloc_aligned(size_t bytes, void **raw) {
 /* Grow the per-call scratch to at least `floats` floats (contents are not kept); 0 if allocation fails. */
 static int ensure_scratch(mve_resampler *r, size_t floats) {
     if (floats <= r->scratch_cap) return 1;
+    if (floats > SIZE_MAX / sizeof(float)) return 0;
     void *raw;
     float *p = (float *)alloc_aligned(floats * sizeof(float), &raw);
     if (!p) return 0;
@@ -185,7 +186,11 @@ void mve_sincos_1d(int E, float pos, float *out) {
 static int ensure_sincos(mve_resampler *r, int rows) {
     if (rows <= r->sincos_rows) return 1;
     int half = r->w.embed_dim / 2;
-    float *t = (float *)realloc(r->sincos, (size_t)rows * half * sizeof(float));
+    /* Never realloc to 0 bytes: that frees the table and returns NULL, and keeping the old pointer after it
+     * was a double free. The parser guarantees embed_dim >= 4; this check keeps the invariant local. On a
+     * failed realloc the old table is still valid and still owned. */
+    if (half < 1 || rows < 1) return 0;
+    float *t = (float *)realloc(r->sincos, (size_t)rows * (size_t)half * sizeof(float));
     if (!t) return 0;
     for (int c = r->sincos_rows; c < rows; c++) mve_sincos_1d(half, (float)c, t + (size_t)c * half);
     r->sincos = t, r->sincos_rows = rows;
@@ -655,7 +660,8 @@ mve_status mve_resampler_load_file(const char *path, const mve_resampler_options
     if (!r) return mve_fail(MVE_ERR_NOMEM, "out of memory");
     mve_status st = MVE_OK;
 #if !defined(_WIN32)
-    int fd = open(path, O_RDONLY);
+    /* O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer; only regular files pass. */
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
     struct stat sb;
     if (fd < 0 || fstat(fd, &sb) != 0) {
         st = mve_fail(MVE_ERR_IO, "%s: cannot open", path);

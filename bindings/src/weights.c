@@ -62,11 +62,11 @@ mve_status mve_weights_parse(const void *data, size_t size, const char *origin, 
     if (*(const unsigned char *)&one != 1)
         return mve_fail(MVE_ERR_UNSUPPORTED, "%s: big-endian hosts are not supported", origin);
     if (size < MVE_FILE_HEADER_BYTES || memcmp(p, MVE_FILE_MAGIC, 8) != 0)
-        return mve_fail(MVE_ERR_FORMAT, "%s: not a resampler weights file (magic '%s' missing)", origin,
+        return mve_fail(MVE_ERR_FORMAT, "%s: magic: not a resampler weights file ('%s' missing)", origin,
                         MVE_FILE_MAGIC);
     uint32_t version = rd32(p + 8);
     if (version != MVE_FILE_VERSION)
-        return mve_fail(MVE_ERR_FORMAT, "%s: version %u, this library reads version %d (re-export the weights)",
+        return mve_fail(MVE_ERR_FORMAT, "%s: version is %u, this library reads version %d (re-export the weights)",
                         origin, version, MVE_FILE_VERSION);
     memset(w, 0, sizeof *w);
     uint32_t dtype = rd32(p + 12), d = rd32(p + 16), c = rd32(p + 20), q = rd32(p + 24), heads = rd32(p + 28);
@@ -74,23 +74,33 @@ mve_status mve_weights_parse(const void *data, size_t size, const char *origin, 
     uint64_t file_size = rd64(p + 40);
     float eps;
     memcpy(&eps, &eps_bits, 4);
-    if (dtype > 1) return mve_fail(MVE_ERR_FORMAT, "%s: dtype %u (expected 0 = f32 or 1 = f16)", origin, dtype);
-    if (d == 0 || d > 65536 || c == 0 || c > 65536 || q == 0 || q > 4096)
-        return mve_fail(MVE_ERR_FORMAT, "%s: dimensions embed_dim=%u kv_dim=%u query_num=%u out of range", origin,
-                        d, c, q);
-    if (heads == 0 || d % heads != 0)
-        return mve_fail(MVE_ERR_FORMAT, "%s: embed_dim %u is not a multiple of num_heads %u", origin, d, heads);
-    if (!(eps > 0.0f) || !isfinite(eps))
-        return mve_fail(MVE_ERR_FORMAT, "%s: layer_norm_eps %g is not a positive number", origin, (double)eps);
+    if (dtype > 1) return mve_fail(MVE_ERR_FORMAT, "%s: dtype is %u (expected 0 = f32 or 1 = f16)", origin, dtype);
+    /* Bounds from the model facts (mve.h), checked before anything is sized from these numbers. */
+    if (d < 4 || d > MVE_MAX_EMBED_DIM || d % 4 != 0)
+        return mve_fail(MVE_ERR_FORMAT, "%s: embed_dim %u is not a multiple of 4 in [4, %d]", origin, d,
+                        MVE_MAX_EMBED_DIM);
+    if (c == 0 || c > MVE_MAX_KV_DIM)
+        return mve_fail(MVE_ERR_FORMAT, "%s: kv_dim %u out of range [1, %d]", origin, c, MVE_MAX_KV_DIM);
+    if (q == 0 || q > MVE_MAX_QUERY_NUM)
+        return mve_fail(MVE_ERR_FORMAT, "%s: query_num %u out of range [1, %d]", origin, q, MVE_MAX_QUERY_NUM);
+    if (heads == 0 || heads > MVE_MAX_HEADS || d % heads != 0)
+        return mve_fail(MVE_ERR_FORMAT, "%s: num_heads %u is not a divisor of embed_dim %u in [1, %d]", origin,
+                        heads, d, MVE_MAX_HEADS);
+    if ((uint64_t)heads * q > MVE_MAX_ATTENTION_ROWS)
+        return mve_fail(MVE_ERR_FORMAT, "%s: num_heads %u x query_num %u is more than %d attention rows", origin,
+                        heads, q, MVE_MAX_ATTENTION_ROWS);
+    if (!(eps > 0.0f) || !(eps <= 1.0f))
+        return mve_fail(MVE_ERR_FORMAT, "%s: layer_norm_eps %g is not a number in (0, 1]", origin, (double)eps);
     for (int i = 48; i < 64; i++)
-        if (p[i] != 0) return mve_fail(MVE_ERR_FORMAT, "%s: reserved header bytes are not zero", origin);
+        if (p[i] != 0) return mve_fail(MVE_ERR_FORMAT, "%s: reserved: header bytes 48..63 are not zero", origin);
     if (file_size != (uint64_t)size)
-        return mve_fail(MVE_ERR_FORMAT, "%s: header says %llu bytes but there are %zu (truncated or padded file)",
+        return mve_fail(MVE_ERR_FORMAT, "%s: file_size: the header says %llu bytes but there are %zu (truncated or "
+                        "padded file)",
                         origin, (unsigned long long)file_size, size);
     if (n_tensors != MVE_T_COUNT)
-        return mve_fail(MVE_ERR_FORMAT, "%s: %u tensors, expected %d", origin, n_tensors, MVE_T_COUNT);
+        return mve_fail(MVE_ERR_FORMAT, "%s: n_tensors is %u, expected %d", origin, n_tensors, MVE_T_COUNT);
     size_t table_end = MVE_FILE_HEADER_BYTES + (size_t)n_tensors * MVE_FILE_ENTRY_BYTES;
-    if (size < table_end) return mve_fail(MVE_ERR_FORMAT, "%s: file ends inside the tensor table", origin);
+    if (size < table_end) return mve_fail(MVE_ERR_FORMAT, "%s: tensor table: the file ends inside it", origin);
     if (((uintptr_t)data & 3u) != 0)
         return mve_fail(MVE_ERR_INVALID_ARGUMENT, "%s: data must be 4-byte aligned", origin);
 
@@ -108,18 +118,18 @@ mve_status mve_weights_parse(const void *data, size_t size, const char *origin, 
         uint32_t want_rows, want_cols, want_dtype = is_matrix((int)i) ? dtype : 0;
         expected_shape((int)i, w, &want_rows, &want_cols);
         if (id != i)
-            return mve_fail(MVE_ERR_FORMAT, "%s: tensor table entry %u has id %u (tensors must be in order)",
-                            origin, i, id);
+            return mve_fail(MVE_ERR_FORMAT, "%s: tensor %s: table entry %u has id %u (tensors must be in order)",
+                            origin, name, i, id);
         if (tdtype != want_dtype || rows != want_rows || cols != want_cols)
-            return mve_fail(MVE_ERR_FORMAT, "%s: tensor %s is %ux%u dtype %u, expected %ux%u dtype %u for "
+            return mve_fail(MVE_ERR_FORMAT, "%s: tensor %s: is %ux%u dtype %u, expected %ux%u dtype %u for "
                             "embed_dim %u kv_dim %u query_num %u", origin, name, rows, cols, tdtype, want_rows,
                             want_cols, want_dtype, d, c, q);
         uint64_t want_bytes = (uint64_t)rows * cols * (tdtype == 1 ? 2u : 4u);
         if (nbytes != want_bytes)
-            return mve_fail(MVE_ERR_FORMAT, "%s: tensor %s has %llu bytes, its shape needs %llu", origin, name,
+            return mve_fail(MVE_ERR_FORMAT, "%s: tensor %s: nbytes is %llu, its shape needs %llu", origin, name,
                             (unsigned long long)nbytes, (unsigned long long)want_bytes);
         if (off % MVE_FILE_ALIGN != 0 || off < prev_end || off > (uint64_t)size || nbytes > (uint64_t)size - off)
-            return mve_fail(MVE_ERR_FORMAT, "%s: tensor %s at offset %llu (+%llu bytes) is misaligned, overlaps "
+            return mve_fail(MVE_ERR_FORMAT, "%s: tensor %s: offset %llu (+%llu bytes) is misaligned, overlaps "
                             "another tensor or runs past the end of the file", origin, name,
                             (unsigned long long)off, (unsigned long long)nbytes);
         prev_end = off + nbytes;
@@ -132,7 +142,7 @@ mve_status mve_weights_parse(const void *data, size_t size, const char *origin, 
         int finite = tdtype == 1 ? all_finite_f16((const uint16_t *)w->t[i], n)
                                  : all_finite_f32((const float *)w->t[i], n);
         if (!finite)
-            return mve_fail(MVE_ERR_NONFINITE, "%s: tensor %s holds NaN or infinity", origin, name);
+            return mve_fail(MVE_ERR_NONFINITE, "%s: tensor %s: holds NaN or infinity", origin, name);
     }
     return MVE_OK;
 }

@@ -1,17 +1,26 @@
 /* mve_fuzz: bad input to the public C API must produce an error code and a message, never a crash. Built with
  * -fsanitize=address,undefined by tests/test_kernels_arch.py, which fails on any sanitizer report.
  *
- *   mve_fuzz WEIGHTS [SEED]     WEIGHTS: a valid (small) resampler weights file
+ *   mve_fuzz WEIGHTS [SEED] [--seconds S] [CRAFTED.mvr ...]     WEIGHTS: a valid (small) resampler weights file
  *
  * Covers: NULL pointers everywhere, bad options, zero / negative / oversized grids and frame counts, temporal
  * ids out of range, NaN and infinity in the features, misaligned and truncated buffers, every byte of the
  * header and tensor table overwritten with several values, and random corruption of the tensor data. Loads that
  * still succeed after a mutation (e.g. a changed layer_norm_eps) must run. Prints a summary; exit 1 if a call
- * that must fail succeeded or a status had no message. */
+ * that must fail succeeded or a status had no message.
+ *
+ * CRAFTED files (bindings/tests/corpus/: files that once crashed the library) are loaded from disk with every
+ * fold and run at a small grid, then a large one, then a temporal group: the sequence that grows the position
+ * caches. With --seconds, a random phase then runs for that long: it writes valid files of random small shapes
+ * (embed_dim down to 4, one head, one query, kv_dim == embed_dim or not), loads them with a random fold and
+ * thread count, runs random grid sequences, and does the same with mutated copies (header fields and table
+ * entries overwritten with boundary values, random bytes). Every case must load and run, or fail with a
+ * message; the number of cases executed is printed. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "internal.h"
 #include "mve.h"
@@ -50,12 +59,198 @@ static int run_small(mve_resampler *r, int kv) {
     return st;
 }
 
+
+/* ---------------------------------------------------------------------------------------------- grid runs */
+
+/* Run one grid (h x w, or a temporal group of `frames` such frames) on fresh random features; the status. */
+static mve_status run_grid(mve_resampler *r, int h, int w, int frames) {
+    mve_resampler_info info;
+    mve_resampler_get_info(r, &info);
+    size_t n = (size_t)h * w * frames;
+    float *x = malloc(n * (size_t)info.kv_dim * sizeof(float));
+    float *out = malloc((size_t)info.query_num * info.embed_dim * sizeof(float));
+    int32_t grids[2 * 8], ids[8];
+    for (size_t i = 0; i < n * (size_t)info.kv_dim; i++) x[i] = (float)(rnd() % 2001) * 1e-3f - 1.0f;
+    for (int f = 0; f < frames; f++) grids[2 * f] = h, grids[2 * f + 1] = w, ids[f] = f == 1 ? -1 : 3 * f;
+    mve_status st = frames == 1 ? mve_resampler_run(r, x, h, w, out)
+                                : mve_resampler_run_temporal(r, x, frames, grids, ids, out);
+    free(x), free(out);
+    return st;
+}
+
+/* Small, then large, then small again, then a temporal group: grows every cache, then reuses it. */
+static void run_growing(mve_resampler *r, const char *what) {
+    static const int seq[][3] = {{1, 1, 1}, {80, 80, 1}, {2, 3, 1}, {7, 5, 3}};
+    for (size_t i = 0; i < sizeof seq / sizeof seq[0]; i++) {
+        mve_status st = run_grid(r, seq[i][0], seq[i][1], seq[i][2]);
+        EXPECT(st == MVE_OK, what);
+    }
+}
+
+/* Crafted files from disk: each must load and run the growing sequence, or be refused with a message. */
+static int run_crafted(const char *path) {
+    int loaded = 0;
+    for (int fold = 0; fold <= 2; fold++) {
+        mve_resampler_options o;
+        mve_resampler_default_options(&o);
+        o.fold = fold;
+        mve_resampler *r = NULL;
+        mve_status st = mve_resampler_load_file(path, &o, &r);
+        if (st != MVE_OK) {
+            EXPECT(r == NULL && mve_last_error()[0] != '\0', "a refused crafted file has a message");
+            continue;
+        }
+        loaded++;
+        run_growing(r, "a crafted file that loads also runs");
+        mve_resampler_free(r);
+    }
+    printf("mve_fuzz: crafted %s: %s\n", path, loaded ? "loaded and ran" : mve_last_error());
+    return loaded;
+}
+
+/* ---------------------------------------------------------------------------------------------- random phase */
+
+/* A valid weights file of the given shape with random weights, in a buffer of exactly its size. */
+static unsigned char *synth_file(int dtype, int d, int c, int q, int heads, float eps, size_t *size_out) {
+    uint32_t rows[MVE_T_COUNT], cols[MVE_T_COUNT], tdt[MVE_T_COUNT];
+    uint64_t off[MVE_T_COUNT], nb[MVE_T_COUNT];
+    uint64_t at = MVE_FILE_HEADER_BYTES + (uint64_t)MVE_T_COUNT * MVE_FILE_ENTRY_BYTES;
+    for (int i = 0; i < MVE_T_COUNT; i++) {
+        int matrix = i == MVE_T_KV_PROJ || i == MVE_T_WQ || i == MVE_T_WK || i == MVE_T_WV || i == MVE_T_WO ||
+                     i == MVE_T_PROJ_T;
+        rows[i] = 1, cols[i] = (uint32_t)d, tdt[i] = matrix ? (uint32_t)dtype : 0;
+        if (i == MVE_T_QUERY) rows[i] = (uint32_t)q;
+        if (matrix) rows[i] = (uint32_t)d;
+        if (i == MVE_T_KV_PROJ) rows[i] = c == d ? 0 : (uint32_t)d, cols[i] = c == d ? 0 : (uint32_t)c;
+        if (i == MVE_T_KV_NORM_R) rows[i] = cols[i] = (uint32_t)c;
+        at = (at + MVE_FILE_ALIGN - 1) / MVE_FILE_ALIGN * MVE_FILE_ALIGN;
+        off[i] = at, nb[i] = (uint64_t)rows[i] * cols[i] * (tdt[i] ? 2 : 4);
+        at += nb[i];
+    }
+    size_t size = (size_t)at;
+    unsigned char *p = calloc(size, 1);
+    uint32_t h32[8] = {MVE_FILE_VERSION, (uint32_t)dtype, (uint32_t)d, (uint32_t)c, (uint32_t)q, (uint32_t)heads};
+    memcpy(p, MVE_FILE_MAGIC, 8);
+    memcpy(p + 8, h32, 24);
+    memcpy(p + 32, &eps, 4);
+    uint32_t nt = MVE_T_COUNT;
+    uint64_t fs = size;
+    memcpy(p + 36, &nt, 4), memcpy(p + 40, &fs, 8);
+    for (int i = 0; i < MVE_T_COUNT; i++) {
+        unsigned char *e = p + MVE_FILE_HEADER_BYTES + (size_t)i * MVE_FILE_ENTRY_BYTES;
+        uint32_t e32[4] = {(uint32_t)i, tdt[i], rows[i], cols[i]};
+        memcpy(e, e32, 16), memcpy(e + 16, &off[i], 8), memcpy(e + 24, &nb[i], 8);
+        size_t n = (size_t)rows[i] * cols[i];
+        int gain = i == MVE_T_LN_Q_W || i == MVE_T_LN_KV_W || i == MVE_T_LN_POST_W;
+        for (size_t k = 0; k < n; k++) {
+            float v = gain ? 1.0f : ((float)(rnd() % 2001) * 1e-3f - 1.0f) * 0.2f;
+            if (tdt[i]) {
+                uint16_t hv = mve_f32_to_f16(v);
+                memcpy(p + off[i] + 2 * k, &hv, 2);
+            } else {
+                memcpy(p + off[i] + 4 * k, &v, 4);
+            }
+        }
+    }
+    *size_out = size;
+    return p;
+}
+
+/* Boundary values for a mutated 32-bit field. */
+static uint32_t boundary_value(uint32_t old) {
+    static const uint32_t v[] = {0, 1, 2, 3, 4, 5, 63, 64, 65, 255, 256, 1023, 1024, 4096, 4097, 8192, 8196,
+                                 65535, 65536, 0x7fffffffu, 0x80000000u, 0xfffffffeu, 0xffffffffu};
+    unsigned k = rnd() % (sizeof v / sizeof v[0] + 4);
+    if (k < sizeof v / sizeof v[0]) return v[k];
+    return k % 2 ? old + 1 + (rnd() % 4) : old - 1 - (rnd() % 4);
+}
+
+static int info_small(mve_resampler *r) {
+    mve_resampler_info info;
+    mve_resampler_get_info(r, &info);
+    return (size_t)info.embed_dim * info.kv_dim <= 64 * 64;
+}
+
+/* One random case: load a (possibly mutated) buffer with a random fold and threads, run a random sequence. */
+static int random_case(const unsigned char *good, size_t size, int mutate) {
+    unsigned char *buf = malloc(size);
+    memcpy(buf, good, size);
+    if (mutate) {
+        size_t table_end = MVE_FILE_HEADER_BYTES + (size_t)MVE_T_COUNT * MVE_FILE_ENTRY_BYTES;
+        int n = 1 + (int)(rnd() % 3);
+        for (int i = 0; i < n; i++) {
+            if (rnd() % 4 == 0) {
+                buf[rnd() % size] = (unsigned char)rnd();
+            } else { /* a 32-bit field of the header or the table */
+                size_t at = 8 + (rnd() % ((table_end - 8) / 4)) * 4;
+                uint32_t old;
+                memcpy(&old, buf + at, 4);
+                uint32_t v = boundary_value(old);
+                memcpy(buf + at, &v, 4);
+            }
+        }
+    }
+    mve_resampler_options o;
+    mve_resampler_default_options(&o);
+    o.fold = (int)(rnd() % 3);
+    o.n_threads = 1 + (int)(rnd() % 3);
+    mve_resampler *r = NULL;
+    mve_status st = mve_resampler_load_memory(buf, size, &o, &r);
+    int loaded = st == MVE_OK;
+    if (!loaded) {
+        EXPECT(r == NULL && mve_last_error()[0] != '\0', "a refused random file has a message");
+        EXPECT(mutate, "a valid random file loads");
+    } else {
+        int steps = 1 + (int)(rnd() % 3);
+        for (int i = 0; i < steps; i++) {
+            int big = info_small(r) && rnd() % 4 == 0; /* past the 70-row position cache, kept cheap */
+            int h = big ? 40 + (int)(rnd() % 41) : 1 + (int)(rnd() % 6);
+            int w = big ? 40 + (int)(rnd() % 41) : 1 + (int)(rnd() % 6);
+            int frames = big ? 1 : 1 + (int)(rnd() % 3);
+            EXPECT(run_grid(r, h, w, frames) == MVE_OK, "a random file that loads also runs");
+        }
+        mve_resampler_free(r);
+    }
+    free(buf);
+    return loaded;
+}
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* Random shapes and mutations for `seconds`; prints how many cases ran. */
+static void random_phase(double seconds) {
+    long cases = 0, loaded = 0;
+    double t_end = now_s() + seconds;
+    while (now_s() < t_end) {
+        int d = 4 * (1 + (int)(rnd() % (rnd() % 2 ? 4 : 64)));  /* often tiny: 4..16, else up to 256 */
+        int c = rnd() % 3 == 0 ? d : 1 + (int)(rnd() % 96);
+        int q = rnd() % 8 == 0 ? 64 : 1 + (int)(rnd() % 8);
+        int heads = 1 + (int)(rnd() % 8);
+        while (d % heads) heads--;
+        float eps = rnd() % 2 ? 1e-6f : 1.0f;
+        size_t size;
+        unsigned char *good = synth_file((int)(rnd() % 2), d, c, q, heads, eps, &size);
+        for (int m = 0; m < 4; m++, cases++) loaded += random_case(good, size, m > 0);
+        free(good);
+    }
+    printf("mve_fuzz: random phase: %ld cases executed in %.0f s (%ld loaded and ran)\n", cases, seconds, loaded);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: mve_fuzz WEIGHTS [SEED]\n");
+        fprintf(stderr, "usage: mve_fuzz WEIGHTS [SEED] [--seconds S] [CRAFTED.mvr ...]\n");
         return 2;
     }
-    if (argc > 2) rng_state ^= strtoull(argv[2], NULL, 10) * 0x9E3779B97F4A7C15ull;
+    int first_extra = 2;
+    double seconds = 0.0;
+    if (argc > 2 && argv[2][0] >= '0' && argv[2][0] <= '9')
+        rng_state ^= strtoull(argv[2], NULL, 10) * 0x9E3779B97F4A7C15ull, first_extra = 3;
+    if (argc > first_extra + 1 && strcmp(argv[first_extra], "--seconds") == 0)
+        seconds = strtod(argv[first_extra + 1], NULL), first_extra += 2;
     FILE *f = fopen(argv[1], "rb");
     if (!f) return 2;
     fseek(f, 0, SEEK_END);
@@ -222,6 +417,8 @@ int main(int argc, char **argv) {
 
     mve_resampler_free(r);
     free(x), free(out), free(buf), free(shifted), free(good);
+    for (int i = first_extra; i < argc; i++) run_crafted(argv[i]);
+    if (seconds > 0) random_phase(seconds);
     printf("mve_fuzz: %d checks, %d failures; header/table mutations: %d rejected, %d loaded and ran; "
            "random corruption: %d loaded and ran, %d rejected as non-finite\n",
            checks, failures, rejected, loaded, data_loaded, data_nonfinite);
