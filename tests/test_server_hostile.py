@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 
 import minicpmv_edge
-from minicpmv_edge.demo import demo_image
+from minicpmv_edge.workflows.demo import demo_image
 from test_server import serving  # noqa: E402 (tests/ is on sys.path under pytest)
 
 uvicorn = pytest.importorskip("uvicorn")
