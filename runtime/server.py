@@ -5,6 +5,7 @@
     GET  /v1/models             <name> and <name>-thinking (thinking on)
     POST /v1/describe           {"image", "preset_prompt" | "custom_prompt", "seed"} (WaveSpeed-style)
     GET  /health
+    GET  /                      a small page to try the model in a browser (runtime/page.html)
 
 One model, one worker thread: requests wait in a bounded queue (503 + Retry-After when it is full), a client
 that disconnects mid-stream frees the worker at the next token, and every error is a JSON body in OpenAI's
@@ -14,6 +15,7 @@ error shape with a 4xx status, never a crash of the process.
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import queue
@@ -23,6 +25,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
 
@@ -280,7 +283,7 @@ def _apply_stop(events: Iterator[StreamEvent], stops: list[str], cancel: threadi
         if ev.result is not None:
             res = ev.result
             if cut is not None:
-                res = ChatResult(text[:cut], res.reasoning, res.token_ids, "stop", res.timings)
+                res = dataclasses.replace(res, text=text[:cut], finish_reason="stop")
             elif sent < len(text):
                 yield StreamEvent(text[sent:], None)
             yield StreamEvent("", None, res)
@@ -350,6 +353,18 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
+
+    # ---- the browser page (#20): static, no secrets in it; its API calls carry the key like any client's
+    page_html = Path(__file__).with_name("page.html").read_text(encoding="utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        from fastapi.responses import HTMLResponse
+        return HTMLResponse(page_html, headers={
+            "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+                                       "script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+            "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
+    # ---- end of the browser page
 
     @app.get("/health")
     async def health():
@@ -426,7 +441,7 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
                 message["reasoning_content"] = result.reasoning
             return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
                     "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
-                    "usage": _usage(result), "timings": result.timings.as_dict()}
+                    "usage": _usage(result), "timings": result.timings.as_dict(), "boxes": _boxes(result)}
 
         async def sse():
             def chunk(delta: dict, finish: str | None = None, extra: dict | None = None) -> str:
@@ -438,8 +453,9 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
             try:
                 async for ev in _events(job, request):
                     if ev.result is not None:
-                        yield chunk({}, ev.result.finish_reason,
-                                    {"usage": _usage(ev.result), "timings": ev.result.timings.as_dict()})
+                        extra = {"usage": _usage(ev.result), "timings": ev.result.timings.as_dict(),
+                                 "boxes": _boxes(ev.result)}
+                        yield chunk({}, ev.result.finish_reason, extra)
                     elif ev.delta:
                         yield chunk({"reasoning_content": ev.delta} if ev.reasoning else {"content": ev.delta})
             except Exception as exc:
@@ -478,6 +494,11 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
                 "usage": _usage(result), "timings": result.timings.as_dict()}
 
     return app
+
+
+def _boxes(result: ChatResult) -> list[dict[str, Any]]:
+    """The answer's grounding boxes/points/quads (0-1000 coords, pixels on the last image): our extra field."""
+    return [b.as_dict() for b in result.boxes]
 
 
 def _usage(result: ChatResult) -> dict[str, int]:

@@ -21,9 +21,10 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 import numpy as np
 
 from minicpmv_edge.errors import MiniCPMVEdgeError
-from minicpmv_edge.facts import ModelFacts
+from minicpmv_edge.facts import GROUNDING_TOKENS, ModelFacts
 
 from .decoder import Decoder, Embeddings, SamplingParams
+from .grounding import GroundedObject, GroundingStream, ImageGeometry, parse as parse_grounding
 from .images import LoadedImage, load_image
 from .preprocess import DEFAULT_MAX_PIXELS, PreprocessedImage, preprocess_image
 from .prompt import IMAGE_TAG, PromptFormat, expand_tags, image_spans, image_text, render, video_text
@@ -87,6 +88,12 @@ class ChatResult:
     token_ids: list[int]
     finish_reason: str               # "stop" or "length"
     timings: Timings
+    images: list[ImageGeometry] = field(default_factory=list)   # size + EXIF orientation of each image sent
+
+    @property
+    def boxes(self) -> list[GroundedObject]:
+        """The <box>/<point>/<quad> spans of `text`, with pixels on the last image sent (runtime/grounding.py)."""
+        return parse_grounding(self.text, self.images)
 
 
 @dataclass
@@ -95,6 +102,7 @@ class StreamEvent:
     token_id: int | None
     result: ChatResult | None = None  # set on the final event only
     reasoning: bool = False          # the delta belongs to the thinking part
+    boxes: list[GroundedObject] = field(default_factory=list)   # grounding spans this delta completed
 
 
 @dataclass
@@ -103,6 +111,7 @@ class _Encoded:
     blocks: list[np.ndarray]         # one [Q, D] array per slice (overview first) or per video block
     key: str
     is_video: bool = False
+    geometry: ImageGeometry | None = None   # stored size + EXIF orientation, to put boxes back on the image
 
 
 @dataclass(frozen=True)
@@ -213,6 +222,10 @@ class MiniCPMV:
         # (<think>, </think>) ids, so reasoning is split by token and not by text the detokenizer may hide
         self._think_ids = ((self._single_id(tok["think_start"]), self._single_id(tok["think_end"]))
                            if facts.thinking else ())
+        # <box>, <ref>, ... are special tokens, which llama.cpp leaves out of the text unless asked: ask for these
+        self._grounding_ids = {ids[0] for ids in (self.decoder.tokenize(t, parse_special=True)
+                                                  for t in facts.extra_special_tokens if t in GROUNDING_TOKENS)
+                               if len(ids) == 1}
 
     def _single_id(self, token: str) -> int:
         ids = self.decoder.tokenize(token, parse_special=True)
@@ -245,7 +258,7 @@ class MiniCPMV:
             t.vision += t2 - t1
             t.resampler += time.perf_counter() - t2
             t.slices += 1
-        enc = _Encoded(pre.grid, blocks, key)
+        enc = _Encoded(pre.grid, blocks, key, geometry=ImageGeometry.of(loaded.image))
         self._cache[key] = enc
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -353,6 +366,10 @@ class MiniCPMV:
                 timings: Timings | None = None) -> list:
         """Everything before the LLM: images and videos encoded (cached), the prompt rendered and tokenized,
         split into token runs and embedding blocks ready for `decoder.prefill` / `decoder.generate`."""
+        return self._prepare(messages, thinking=thinking, max_slices=max_slices, timings=timings)[0]
+
+    def _prepare(self, messages, *, thinking, max_slices, timings) -> tuple[list, list[ImageGeometry]]:
+        """`prepare`, plus the geometry of each image in order (videos left out) for the grounding boxes."""
         if thinking and not self.facts.thinking:
             raise MiniCPMVEdgeError(f"MiniCPM-V {self.facts.version} has no thinking mode")
         slices = self.preprocess_config.max_slice_nums if max_slices is None else int(max_slices)
@@ -363,7 +380,7 @@ class MiniCPMV:
         encoded = [self._encode_video(src, t) if isinstance(src, VideoInput) else self._encode_image(src, slices, t)
                    for src in req.images]
         segments, t.prompt_tokens = self._segments(req, encoded, thinking)
-        return segments
+        return segments, [e.geometry for e in encoded if e.geometry is not None]
 
     def _run(self, messages, *, thinking, seed, max_tokens, max_slices, sampling,
              should_stop=None) -> Iterator[StreamEvent]:
@@ -371,8 +388,9 @@ class MiniCPMV:
             raise MiniCPMVEdgeError(f"max_tokens must be at least 1, got {max_tokens}")
         t = Timings()
         t_start = time.perf_counter()
-        segments = self.prepare(messages, thinking=thinking, max_slices=max_slices, timings=t)
+        segments, images = self._prepare(messages, thinking=thinking, max_slices=max_slices, timings=t)
         utf8 = _Utf8Stream()
+        grounding = GroundingStream(images)
         tokens: list[int] = []
         parts: dict[bool, list[str]] = {True: [], False: []}   # reasoning? -> text pieces
         in_reasoning = thinking       # with thinking on, the template opens <think>; </think> ends it
@@ -390,10 +408,11 @@ class MiniCPMV:
                     yield StreamEvent(tail, None, reasoning=in_reasoning)
                 in_reasoning = tok != self._think_ids[-1]   # after </think> comes the answer
                 continue
-            delta = utf8.push(self.decoder.token_bytes(tok))
+            delta = utf8.push(self.decoder.token_bytes(tok, special=tok in self._grounding_ids))
             if delta:
                 parts[in_reasoning].append(delta)
-                yield StreamEvent(delta, tok, reasoning=in_reasoning)
+                yield StreamEvent(delta, tok, reasoning=in_reasoning,
+                                  boxes=[] if in_reasoning else grounding.feed(delta))
             if should_stop is not None and should_stop():
                 gen.close()
                 break
@@ -406,7 +425,8 @@ class MiniCPMV:
         tail = utf8.flush()
         if tail:
             parts[in_reasoning].append(tail)
-            yield StreamEvent(tail, None, reasoning=in_reasoning)
+            yield StreamEvent(tail, None, reasoning=in_reasoning,
+                              boxes=[] if in_reasoning else grounding.feed(tail))
         t.decode = t_end - t_first
         t.completion_tokens = len(tokens)
         finish = "length" if len(tokens) >= max_tokens else "stop"
@@ -414,7 +434,7 @@ class MiniCPMV:
         text = "".join(parts[False])
         if thinking:
             text = text.lstrip("\n")
-        yield StreamEvent("", None, ChatResult(text, reasoning, tokens, finish, t))
+        yield StreamEvent("", None, ChatResult(text, reasoning, tokens, finish, t, images))
 
     def forget(self) -> None:
         """Drop the encoded-image cache and the KV cache: the next call starts cold (benchmarks use this)."""
