@@ -88,12 +88,12 @@ class ChatResult:
     token_ids: list[int]
     finish_reason: str               # "stop" or "length"
     timings: Timings
-    images: list[ImageGeometry] = field(default_factory=list)   # size + EXIF orientation of each image sent
+    image_geometry: list[ImageGeometry] = field(default_factory=list)   # size + EXIF orientation per image sent
 
     @property
     def boxes(self) -> list[GroundedObject]:
         """The <box>/<point>/<quad> spans of `text`, with pixels on the last image sent (runtime/grounding.py)."""
-        return parse_grounding(self.text, self.images)
+        return parse_grounding(self.text, self.image_geometry)
 
 
 @dataclass

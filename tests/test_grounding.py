@@ -16,7 +16,7 @@ import pytest
 from PIL import Image, ImageOps
 
 import minicpmv_edge
-from minicpmv_edge.runtime.grounding import GroundedObject, GroundingStream, ImageGeometry, draw, parse
+from minicpmv_edge.runtime.grounding import GroundingStream, ImageGeometry, draw, parse
 
 
 def _summary(objects):
@@ -306,7 +306,8 @@ def test_run_json_and_draw(model_45, tiny_bundle, tmp_path, monkeypatch, capsys)
     got = json.loads(capsys.readouterr().out)
     assert got["answer"] == ANSWER
     assert [(b["kind"], b["label"], b["coords"], b["pixels"]) for b in got["boxes"]] == [
-        ("box", "cat", [100, 250, 500, 750], [60.0, 200.0, 300.0, 600.0]), ("point", "bell", [500, 500], [300.0, 400.0])]
+        ("box", "cat", [100, 250, 500, 750], [60.0, 200.0, 300.0, 600.0]),
+        ("point", "bell", [500, 500], [300.0, 400.0])]
     drawn = Image.open(out)
     assert drawn.size == (600, 800)                                    # upright, full size
     assert drawn.getpixel((180, 600)) == (230, 25, 75)                 # the cat box's bottom edge
@@ -366,7 +367,8 @@ def test_server_returns_boxes_plain_streamed_and_cut_by_a_stop_string(model_45):
     url = "data:image/jpeg;base64," + base64.b64encode(_rotated_jpeg()).decode()
     body = {"model": "tiny", "max_tokens": 200, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Where?"}]}]}
-    want = [("box", "cat", [100, 250, 500, 750], [60.0, 200.0, 300.0, 600.0]), ("point", "bell", [500, 500], [300.0, 400.0])]
+    want = [("box", "cat", [100, 250, 500, 750], [60.0, 200.0, 300.0, 600.0]),
+            ("point", "bell", [500, 500], [300.0, 400.0])]
     with serving(model_45) as base, scripted_answer(model_45, ANSWER):
         plain = httpx.post(base + "/v1/chat/completions", json=body, timeout=120).json()
         assert [(b["kind"], b["label"], b["coords"], b["pixels"]) for b in plain["boxes"]] == want
