@@ -314,8 +314,8 @@ def test_run_json_and_draw(model_45, tiny_bundle, tmp_path, monkeypatch, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["drawn.png", "photo.jpg"]   # no temp file left
 
     with scripted_answer(model_45, ANSWER):                            # the streaming path draws too
-        assert cli.run_main([str(tiny_bundle("4.5")), "--image", str(photo), "-p", "Where?", "--draw",
-                             str(tmp_path / "again.jpg")]) == 0
+        assert cli.run_main([str(tiny_bundle("4.5")), "--image", str(photo), "-p", "Where?", "--max-slices", "1",
+                             "--draw", str(tmp_path / "again.jpg")]) == 0
     assert "2 boxes/points drawn" in capsys.readouterr().err and Image.open(tmp_path / "again.jpg").size == (600, 800)
 
 
