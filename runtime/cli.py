@@ -103,6 +103,8 @@ def _draw(out: Path, image_path: str, result) -> None:
     """The answer's boxes on the image they refer to (the last one), written whole or not at all."""
     from PIL import Image
 
+    from minicpmv_edge.errors import MiniCPMVEdgeError
+
     from .grounding import draw
     from .images import load_image
     drawn = draw(load_image(image_path).image, result.boxes)
@@ -110,6 +112,8 @@ def _draw(out: Path, image_path: str, result) -> None:
     try:
         drawn.save(tmp, format=Image.registered_extensions()[out.suffix.lower()])
         os.replace(tmp, out)
+    except OSError as exc:
+        raise MiniCPMVEdgeError(f"--draw {out}: cannot write it ({exc})") from None
     finally:
         tmp.unlink(missing_ok=True)
 

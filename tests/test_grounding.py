@@ -318,6 +318,13 @@ def test_run_json_and_draw(model_45, tiny_bundle, tmp_path, monkeypatch, capsys)
                              "--draw", str(tmp_path / "again.jpg")]) == 0
     assert "2 boxes/points drawn" in capsys.readouterr().err and Image.open(tmp_path / "again.jpg").size == (600, 800)
 
+    from minicpmv_edge.errors import MiniCPMVEdgeError
+    (tmp_path / "taken.png").mkdir()                                   # the target cannot be replaced
+    with scripted_answer(model_45, ANSWER), pytest.raises(MiniCPMVEdgeError, match="taken.png: cannot write"):
+        cli.run_main([str(tiny_bundle("4.5")), "--image", str(photo), "-p", "Where?", "--max-slices", "1", "--json",
+                      "--draw", str(tmp_path / "taken.png")])
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
 
 def test_run_draw_refuses_bad_targets_before_loading(tmp_path, monkeypatch):
     from minicpmv_edge.errors import MiniCPMVEdgeError
