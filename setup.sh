@@ -6,21 +6,29 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 
-# Cross toolchain for the native kernels' aarch64 tests (tests/test_kernels_arch.py cross-builds the NEON path
-# with gcc-aarch64-linux-gnu and runs it under qemu-aarch64), and clang for the libFuzzer harness of the weights
-# parser. Skipped, with a message, where apt-get or root is missing; those tests then skip themselves.
-if command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null && command -v clang >/dev/null; then
+# Debian packages some tests need, installed where apt-get and root (or passwordless sudo) are here:
+# - gcc-aarch64-linux-gnu + qemu-user: tests/test_kernels_arch.py cross-builds the NEON kernels and runs them
+#   under qemu-aarch64;
+# - clang: the libFuzzer harness of the weights parser (tests/test_strangers.py);
+# - chromium + chromium-driver: tests/test_web_page.py drives the page `serve` shows in headless Chromium.
+# Elsewhere they are skipped with a message, and those tests then skip themselves.
+APT_NEED=()
+command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null || \
+  APT_NEED+=(gcc-aarch64-linux-gnu qemu-user)
+command -v clang >/dev/null || APT_NEED+=(clang)
+command -v chromium >/dev/null && command -v chromedriver >/dev/null || APT_NEED+=(chromium chromium-driver)
+if [ ${#APT_NEED[@]} -eq 0 ]; then
   :
 elif ! command -v apt-get >/dev/null; then
-  echo "setup: no apt-get here; skipping gcc-aarch64-linux-gnu + qemu-user + clang (the aarch64 and libFuzzer tests will skip)"
+  echo "setup: no apt-get here; skipping ${APT_NEED[*]} (the tests that need them will skip)"
 elif [ "$(id -u)" -ne 0 ] && ! sudo -n true 2>/dev/null; then
-  echo "setup: not root; skipping gcc-aarch64-linux-gnu + qemu-user + clang (the aarch64 and libFuzzer tests will skip)"
+  echo "setup: not root; skipping ${APT_NEED[*]} (the tests that need them will skip)"
 else
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
-  echo "setup: installing gcc-aarch64-linux-gnu, qemu-user and clang (apt)..."
+  echo "setup: installing ${APT_NEED[*]} (apt)..."
   $SUDO apt-get update -q >/dev/null && \
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q gcc-aarch64-linux-gnu qemu-user clang >/dev/null || \
-    echo "setup: apt-get install failed; the aarch64 and libFuzzer tests will skip"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${APT_NEED[@]}" >/dev/null || \
+    echo "setup: apt-get install of ${APT_NEED[*]} failed; the tests that need them will fail or skip"
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=(.venv/bin/pip install --disable-pip-version-check -q)

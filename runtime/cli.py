@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -52,9 +53,13 @@ def run_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fps", type=float, default=3.0, help="video frames sampled per second")
     ap.add_argument("--packing", type=int, help="video frames per 64-token block (1-6; default: the recipe's)")
     ap.add_argument("-p", "--prompt", required=True)
-    ap.add_argument("--json", action="store_true", help="print the answer and the stage timings as JSON")
+    ap.add_argument("--json", action="store_true", help="print the answer, its boxes and the stage timings as JSON")
+    ap.add_argument("--draw", type=Path, metavar="OUT.png",
+                    help="write the last image with the answer's boxes and points drawn on it (PNG or JPEG)")
     _gen_args(ap)
     args = ap.parse_args(argv)
+    if args.draw:
+        _check_draw_target(args.draw, args.image)
     model = _load(args)
     content = [{"type": "image_url", "image_url": {"url": str(p)}} for p in args.image]
     if args.video:
@@ -63,8 +68,11 @@ def run_main(argv: list[str] | None = None) -> int:
     messages = [{"role": "user", "content": content}]
     if args.json:
         res = model.chat(messages, **_chat_kwargs(args))
+        if args.draw:
+            _draw(args.draw, args.image[-1], res)
         print(json.dumps({"answer": res.text, "reasoning": res.reasoning, "finish_reason": res.finish_reason,
-                          "timings": res.timings.as_dict()}, ensure_ascii=False, indent=2))
+                          "boxes": [b.as_dict() for b in res.boxes], "timings": res.timings.as_dict()},
+                         ensure_ascii=False, indent=2))
         return 0
     result = None
     for ev in model.chat(messages, stream=True, **_chat_kwargs(args)):
@@ -80,7 +88,42 @@ def run_main(argv: list[str] | None = None) -> int:
     print(f"\n[ttft {t.first_token * 1000:.0f} ms (preprocess {t.preprocess * 1000:.0f}, vision {t.vision * 1000:.0f}, "
           f"resampler {t.resampler * 1000:.0f}, prefill {t.prefill * 1000:.0f}) | decode {t.decode_tok_s:.1f} tok/s]",
           file=sys.stderr)
+    if args.draw:
+        _draw(args.draw, args.image[-1], result)
+        print(f"[{len(result.boxes)} boxes/points drawn on {args.draw}]", file=sys.stderr)
     return 0
+
+
+def _check_draw_target(out: Path, images: list[str]) -> None:
+    """Refuse a --draw that cannot be written before the model runs, not after."""
+    from PIL import Image
+
+    from minicpmv_edge.errors import MiniCPMVEdgeError
+    if not images:
+        raise MiniCPMVEdgeError("--draw needs an --image to draw on")
+    if Image.registered_extensions().get(out.suffix.lower()) not in ("PNG", "JPEG"):
+        raise MiniCPMVEdgeError(f"--draw {out}: write a .png or .jpg file")
+    if not out.resolve().parent.is_dir():
+        raise MiniCPMVEdgeError(f"--draw {out}: folder {out.resolve().parent} does not exist")
+
+
+def _draw(out: Path, image_path: str, result) -> None:
+    """The answer's boxes on the image they refer to (the last one), written whole or not at all."""
+    from PIL import Image
+
+    from minicpmv_edge.errors import MiniCPMVEdgeError
+
+    from .grounding import draw
+    from .images import load_image
+    drawn = draw(load_image(image_path).image, result.boxes)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    try:
+        drawn.save(tmp, format=Image.registered_extensions()[out.suffix.lower()])
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise MiniCPMVEdgeError(f"--draw {out}: cannot write it ({exc})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def chat_main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@
     GET  /v1/models             <name> and, on models with a thinking mode, <name>-thinking
     POST /v1/describe           {"image", "preset_prompt" | "custom_prompt", "seed"} (WaveSpeed-style)
     GET  /health
+    GET  /                      a small page to try the model in a browser (runtime/page.html)
 
 One model, one worker thread: requests wait in a bounded queue (503 + Retry-After when it is full); a client
 that disconnects, queued or running, streaming or not, frees the worker at the next slice or token. Every
@@ -18,6 +19,7 @@ video source through the one policy in `sources.py`, so the runtime only ever re
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import queue
@@ -26,6 +28,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from minicpmv_edge.errors import MiniCPMVEdgeError
@@ -384,7 +387,7 @@ def _apply_stop(events: Iterator[StreamEvent], stops: list[str], cancel: threadi
         if ev.result is not None:
             res = ev.result
             if cut is not None:
-                res = ChatResult(text[:cut], res.reasoning, res.token_ids, "stop", res.timings)
+                res = dataclasses.replace(res, text=text[:cut], finish_reason="stop")
             elif sent < len(text):
                 yield StreamEvent(text[sent:], None)
             yield StreamEvent("", None, res)
@@ -464,6 +467,18 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
         except asyncio.TimeoutError:
             raise ApiError(408, f"the request body did not arrive within {opts.body_timeout_s:g} s") from None
         return parse_json(raw)
+
+    # ---- the browser page (#20): static, no secrets in it; its API calls carry the key like any client's
+    page_html = Path(__file__).with_name("page.html").read_text(encoding="utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        from fastapi.responses import HTMLResponse
+        return HTMLResponse(page_html, headers={
+            "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+                                       "script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+            "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
+    # ---- end of the browser page
 
     @app.get("/health")
     async def health():
@@ -554,7 +569,7 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
                 message["reasoning_content"] = result.reasoning
             return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
                     "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
-                    "usage": _usage(result), "timings": result.timings.as_dict()}
+                    "usage": _usage(result), "timings": result.timings.as_dict(), "boxes": _boxes(result)}
 
         def chunk(delta: dict, finish: str | None = None, extra: dict | None = None) -> str:
             body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
@@ -564,8 +579,8 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
 
         def sse_event(ev: StreamEvent) -> str | None:
             if ev.result is not None:
-                return chunk({}, ev.result.finish_reason,
-                             {"usage": _usage(ev.result), "timings": ev.result.timings.as_dict()})
+                return chunk({}, ev.result.finish_reason, {"usage": _usage(ev.result),
+                             "timings": ev.result.timings.as_dict(), "boxes": _boxes(ev.result)})
             if ev.delta:
                 return chunk({"reasoning_content": ev.delta} if ev.reasoning else {"content": ev.delta})
             return None
@@ -668,6 +683,11 @@ def make_server(app, host: str, port: int, opts: ServerOptions, log_level: str =
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=_HeaderDeadline,
                             timeout_keep_alive=5, h11_max_incomplete_event_size=16 * 1024)
     return uvicorn.Server(config)
+
+
+def _boxes(result: ChatResult) -> list[dict[str, Any]]:
+    """The answer's grounding boxes/points/quads (0-1000 coords, pixels on the last image): our extra field."""
+    return [b.as_dict() for b in result.boxes]
 
 
 def _usage(result: ChatResult) -> dict[str, int]:

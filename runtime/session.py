@@ -21,9 +21,10 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 import numpy as np
 
 from minicpmv_edge.errors import MiniCPMVEdgeError
-from minicpmv_edge.facts import MAX_SLICE_NUMS, ModelFacts
+from minicpmv_edge.facts import GROUNDING_TOKENS, MAX_SLICE_NUMS, ModelFacts
 
 from .decoder import ContextOverflowError, Decoder, Embeddings, SamplingParams
+from .grounding import GroundedObject, GroundingStream, ImageGeometry, parse as parse_grounding
 from .images import ImageHeader, ImageInputError, LoadedImage, load_image, read_image_header, slice_shapes
 from .preprocess import DEFAULT_MAX_PIXELS, PreprocessedImage, preprocess_image
 from .prompt import (IMAGE_TAG, PromptFormat, image_spans, image_text, render, tokenize_prompt, untrusted,
@@ -88,6 +89,12 @@ class ChatResult:
     token_ids: list[int]
     finish_reason: str               # "stop" or "length"
     timings: Timings
+    image_geometry: list[ImageGeometry] = field(default_factory=list)   # size + EXIF orientation per image sent
+
+    @property
+    def boxes(self) -> list[GroundedObject]:
+        """The <box>/<point>/<quad> spans of `text`, with pixels on the last image sent (runtime/grounding.py)."""
+        return parse_grounding(self.text, self.image_geometry)
 
 
 @dataclass
@@ -96,6 +103,7 @@ class StreamEvent:
     token_id: int | None
     result: ChatResult | None = None  # set on the final event only
     reasoning: bool = False          # the delta belongs to the thinking part
+    boxes: list[GroundedObject] = field(default_factory=list)   # grounding spans this delta completed
 
 
 @dataclass
@@ -104,6 +112,7 @@ class _Encoded:
     blocks: list[np.ndarray]         # one [Q, D] array per slice (overview first) or per video block
     key: str
     is_video: bool = False
+    geometry: ImageGeometry | None = None   # stored size + EXIF orientation, to put boxes back on the image
 
 
 @dataclass(frozen=True)
@@ -241,6 +250,10 @@ class MiniCPMV:
         # (<think>, </think>) ids, so reasoning is split by token and not by text the detokenizer may hide
         self._think_ids = ((self._single_id(tok["think_start"]), self._single_id(tok["think_end"]))
                            if facts.thinking else ())
+        # <box>, <ref>, ... are special tokens, which llama.cpp leaves out of the text unless asked: ask for these
+        self._grounding_ids = {ids[0] for ids in (self.decoder.tokenize(t, parse_special=True)
+                                                  for t in facts.extra_special_tokens if t in GROUNDING_TOKENS)
+                               if len(ids) == 1}
 
     def _special_id(self, token: str) -> int:
         if token not in self._special_ids:
@@ -339,7 +352,7 @@ class MiniCPMV:
             mean=cfg.mean, std=cfg.std, slicing=cfg.slicing, max_pixels=self.max_pixels)
         t.preprocess += time.perf_counter() - t0
         blocks = [self._encode_slice(s, t, should_stop) for s in pre.slices]
-        enc = _Encoded(pre.grid, blocks, key)
+        enc = _Encoded(pre.grid, blocks, key, geometry=ImageGeometry.of(loaded.image))
         self._cache[key] = enc
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -475,6 +488,11 @@ class MiniCPMV:
         """Everything before the LLM: the cheap checks (headers, slice grids, frame counts, the whole prompt's
         length vs the context), then images and videos encoded (cached), split into token runs and embedding
         blocks ready for `decoder.prefill` / `decoder.generate`. `should_stop` is polled between slices."""
+        return self._prepare(messages, thinking=thinking, max_slices=max_slices, timings=timings,
+                             should_stop=should_stop)[0]
+
+    def _prepare(self, messages, *, thinking, max_slices, timings, should_stop) -> tuple[list, list[ImageGeometry]]:
+        """`prepare`, plus the geometry of each image in order (videos left out) for the grounding boxes."""
         if thinking and not self.facts.thinking:
             raise MiniCPMVEdgeError(f"MiniCPM-V {self.facts.version} has no thinking mode")
         slices = self.preprocess_config.max_slice_nums if max_slices is None else int(max_slices)
@@ -496,7 +514,7 @@ class MiniCPMV:
         encoded = [self._encode_video(p, t, should_stop) if isinstance(p.source, VideoInput)
                    else self._encode_image(p.source, slices, t, should_stop) for p in plans]
         t.prompt_tokens = len(ids)
-        return self._segments(ids, spans, encoded)
+        return self._segments(ids, spans, encoded), [e.geometry for e in encoded if e.geometry is not None]
 
     def _run(self, messages, *, thinking, seed, max_tokens, max_slices, sampling,
              should_stop=None) -> Iterator[StreamEvent]:
@@ -504,9 +522,10 @@ class MiniCPMV:
             raise MiniCPMVEdgeError(f"max_tokens must be at least 1, got {max_tokens}")
         t = Timings()
         t_start = time.perf_counter()
-        segments = self.prepare(messages, thinking=thinking, max_slices=max_slices, timings=t,
-                                should_stop=should_stop)
+        segments, images = self._prepare(messages, thinking=thinking, max_slices=max_slices, timings=t,
+                                         should_stop=should_stop)
         utf8 = _Utf8Stream()
+        grounding = GroundingStream(images)
         tokens: list[int] = []
         parts: dict[bool, list[str]] = {True: [], False: []}   # reasoning? -> text pieces
         in_reasoning = thinking       # with thinking on, the template opens <think>; </think> ends it
@@ -524,10 +543,11 @@ class MiniCPMV:
                     yield StreamEvent(tail, None, reasoning=in_reasoning)
                 in_reasoning = tok != self._think_ids[-1]   # after </think> comes the answer
                 continue
-            delta = utf8.push(self.decoder.token_bytes(tok))
+            delta = utf8.push(self.decoder.token_bytes(tok, special=tok in self._grounding_ids))
             if delta:
                 parts[in_reasoning].append(delta)
-                yield StreamEvent(delta, tok, reasoning=in_reasoning)
+                yield StreamEvent(delta, tok, reasoning=in_reasoning,
+                                  boxes=[] if in_reasoning else grounding.feed(delta))
             if should_stop is not None and should_stop():
                 gen.close()
                 break
@@ -540,7 +560,8 @@ class MiniCPMV:
         tail = utf8.flush()
         if tail:
             parts[in_reasoning].append(tail)
-            yield StreamEvent(tail, None, reasoning=in_reasoning)
+            yield StreamEvent(tail, None, reasoning=in_reasoning,
+                              boxes=[] if in_reasoning else grounding.feed(tail))
         t.decode = t_end - t_first
         t.completion_tokens = len(tokens)
         finish = "length" if len(tokens) >= max_tokens else "stop"
@@ -548,7 +569,7 @@ class MiniCPMV:
         text = "".join(parts[False])
         if thinking:
             text = text.lstrip("\n")
-        yield StreamEvent("", None, ChatResult(text, reasoning, tokens, finish, t))
+        yield StreamEvent("", None, ChatResult(text, reasoning, tokens, finish, t, images))
 
     def forget(self) -> None:
         """Drop the encoded-image cache and the KV cache: the next call starts cold (benchmarks use this)."""
