@@ -256,7 +256,7 @@ def model_45(tiny_bundle):
 
 
 def _rotated_jpeg(size=(800, 600), orientation=6) -> bytes:
-    from minicpmv_edge.demo import demo_image
+    from minicpmv_edge.workflows.demo import demo_image
     exif = Image.Exif()
     exif[0x0112] = orientation
     buf = io.BytesIO()
@@ -285,7 +285,7 @@ def test_chat_returns_boxes_in_pixels_of_the_original_rotated_image(model_45):
 
 
 def test_chat_boxes_refer_to_the_last_of_several_images(model_45):
-    from minicpmv_edge.demo import demo_image
+    from minicpmv_edge.workflows.demo import demo_image
     msgs = [{"role": "user", "content": [{"type": "image", "image": demo_image(448)},
                                          {"type": "image", "image": demo_image(448).resize((1000, 200))},
                                          {"type": "text", "text": "Where?"}]}]

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import minicpmv_edge
-from minicpmv_edge.demo import demo_image
+from minicpmv_edge.workflows.demo import demo_image
 from minicpmv_edge.runtime.grounding import GroundingStream, parse
 from test_grounding import serving
 
