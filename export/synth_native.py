@@ -167,7 +167,9 @@ def _init(name: str, shape: tuple[int, ...]) -> tuple[float, float] | None:
     if name.endswith("position_embedding.weight"):
         return 0.0, 0.5
     if name.endswith("embed_tokens.weight"):
-        return 0.0, 1.0                      # also the tied lm_head: logits with a clear top-1
+        # also the tied lm_head: logits of std ~2, a clear top-1 for greedy parity without a saturated softmax
+        # (the first RMSNorm makes the input scale irrelevant)
+        return 0.0, 2.0 / np.sqrt(shape[1])
     if name.endswith("conv1d.weight"):
         return 0.0, 1.0 / np.sqrt(shape[-1])
     if name.endswith("patch_embedding.weight"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -297,8 +298,8 @@ def test_f32_gguf_logits_match_transformers(ckpt46, gguf46, hf46):
 def test_f16_gguf_kld_vs_transformers(ckpt46, gguf46, hf46):
     ids = _ids(ckpt46, PROMPT)
     kld = _kld(_hf_logits(hf46, ids), _llama_logits(gguf46["F16"], ids)).mean()
-    print(f"\n4.6 F16 GGUF vs transformers: mean KLD = {kld:.3g} (tolerance 1e-3)")
-    assert kld <= 1e-3
+    print(f"\n4.6 F16 GGUF vs transformers: mean KLD = {kld:.3g} (tolerance 1e-4)")
+    assert kld <= 1e-4
 
 
 def test_gguf_metadata(ckpt46, gguf46):
@@ -328,7 +329,10 @@ def test_llama_cpp_tokenizes_like_hf(ckpt46, gguf46):
     from tokenizers import Tokenizer
     from minicpmv_edge.export.synth_text import corpus_lines
     specials = list(ckpt46.facts.all_special_tokens())
-    marks = ["q̃ e\u0301 a\u0300b\u0301c Ελλάδα\u0301 नमस्ते कृपया", "x\u0300\u0301 \u0301y"]
+    # combining marks that survive NFC (both tokenizers see NFC text: HF normalises, llama.cpp does not)
+    marks = [unicodedata.normalize("NFC", t) for t in ("q\u0303 a\u0300b\u0301c Ελλάδα\u0301 नमस्ते कृपया",
+                                                       "x\u0300\u0301 \u0301y", "ab\u0301\u0302cd\u0303 \u0300")]
+    assert all(any(unicodedata.category(c) == "Mn" for c in t) for t in marks)
     lines = corpus_lines(3000, seed=9001) + specials + [f"x{t}y {t}\n{t}z" for t in specials] + marks
     tok = Tokenizer.from_file(str(ckpt46.root / "tokenizer.json"))
     llm = llama_cpp.Llama(str(gguf46["F16"]), vocab_only=True, verbose=False)
