@@ -231,6 +231,50 @@ def test_synth_cli_accepts_46_but_not_an_edge_size(tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
 
 
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+def test_tokenizer_has_the_real_added_tokens_and_loads_as_qwen35(ckpt46):
+    """The real 50 added tokens in the real order and with the real special flags; transformers' AutoTokenizer
+    splits exactly like tokenizer.json; the processor's
+    image-grammar attributes resolve."""
+    from tokenizers import Tokenizer
+    from minicpmv_edge.export.synth_text import corpus_lines
+    facts = ckpt46.facts
+    tok = Tokenizer.from_file(str(ckpt46.root / "tokenizer.json"))
+    added = {t.content: (i, t.special) for i, t in tok.get_added_tokens_decoder().items()}
+    first = added["<|endoftext|>"][0]
+    assert [added[t][0] for t in facts.all_special_tokens()] == list(range(first, first + 50))
+    assert [t for t in facts.all_special_tokens() if not added[t][1]] == list(facts.plain_added_tokens)
+    assert not added["<think>"][1] and added["<|image_pad|>"][1]
+    hf = transformers.AutoTokenizer.from_pretrained(ckpt46.root)
+    lines = corpus_lines(300, 7) + [PROMPT, "a\u0301b q\u0303 नमस्ते", "x<|image_pad|>y <think>z</think>"]
+    assert all(hf(t)["input_ids"] == tok.encode(t).ids for t in lines)
+    assert hf.image_token == "<|image_pad|>" and hf.video_token == "<|video_pad|>"
+    assert hf.convert_tokens_to_ids(hf.slice_start_token) == ckpt46.token_id("<slice>")
+    # <think> is not special: it survives skip_special_tokens, like the real tokenizer
+    ids = tok.encode("<|im_start|><think>hi</think><|im_end|>").ids
+    assert hf.decode(ids, skip_special_tokens=True) == "<think>hi</think>"
+
+
+def test_chat_template_thinking_off_unless_asked(ckpt46):
+    hf = transformers.AutoTokenizer.from_pretrained(ckpt46.root)
+
+    def render(messages, **kw):
+        return hf.apply_chat_template(messages, tokenize=False, **kw)
+    user = [{"role": "user", "content": "Hi"}]
+    body, gen = "<|im_start|>user\nHi<|im_end|>\n", "<|im_start|>assistant\n"
+    assert render(user, add_generation_prompt=True) == body + gen + "<think>\n\n</think>\n\n"
+    assert render(user, add_generation_prompt=True, enable_thinking=False) == body + gen + "<think>\n\n</think>\n\n"
+    assert render(user, add_generation_prompt=True, enable_thinking=True) == body + gen + "<think>\n"
+    image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    assert render(image) == "<|im_start|>user\n<|image_pad|>\nWhat is it?<|im_end|>\n"
+    convo = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "<think>\nr1\n</think>\n\nA1"},
+             {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
+    assert render(convo) == ("<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
+                             "<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+                             "A2<|im_end|>\n")
+
+
 # ----------------------------------------------------------------------------------------------- LLM -> GGUF
 
 @pytest.fixture(scope="module")
