@@ -258,27 +258,24 @@ def native_expected_tensors(cfg: CheckpointConfig) -> dict[str, tuple[int, ...]]
         out[p + "mlp.fc2.weight"] = (d, inner)
         out[p + "mlp.fc2.bias"] = (d,)
     out[vp + "post_layernorm.weight"] = out[vp + "post_layernorm.bias"] = (d,)
-    # window-attention merger after layer insert_layer_id: attention inside each 2x2 window, then an MLP over
-    # the window's 4 patches concatenated (4d -> 4 x intermediate -> d)
+    def merge_mlp(p: str, inner_width: int, out_width: int) -> None:
+        """LayerNorm over 2x2 patches concatenated (4d), then Linear -> GELU -> Linear."""
+        out[p + "pre_norm.weight"] = out[p + "pre_norm.bias"] = (4 * d,)
+        out[p + "linear_1.weight"] = (inner_width, 4 * d)
+        out[p + "linear_1.bias"] = (inner_width,)
+        out[p + "linear_2.weight"] = (out_width, inner_width)
+        out[p + "linear_2.bias"] = (out_width,)
+
+    # window-attention merger after layer insert_layer_id: attention inside each 2x2 window, then the MLP
     p = vp + "vit_merger."
     attention_block(p)
     out[p + "layer_norm1.weight"] = out[p + "layer_norm1.bias"] = (d,)
-    out[p + "pre_norm.weight"] = out[p + "pre_norm.bias"] = (4 * d,)
-    out[p + "linear_1.weight"] = (4 * inner, 4 * d)
-    out[p + "linear_1.bias"] = (4 * inner,)
-    out[p + "linear_2.weight"] = (d, 4 * inner)
-    out[p + "linear_2.bias"] = (d,)
+    merge_mlp(p, 4 * inner, d)
     # final merger: `merger_times` 2x2 downsample MLPs, the last one projecting into the LLM
     mp = cfg.facts.tensor_prefixes["merger"][0]
     times = cfg.raw.get("merger_times", 1)
     for i in range(times):
-        p = f"{mp}mlp.{i}."
-        width = llm.hidden_size if i == times - 1 else d
-        out[p + "pre_norm.weight"] = out[p + "pre_norm.bias"] = (4 * d,)
-        out[p + "linear_1.weight"] = (4 * d, 4 * d)
-        out[p + "linear_1.bias"] = (4 * d,)
-        out[p + "linear_2.weight"] = (width, 4 * d)
-        out[p + "linear_2.bias"] = (width,)
+        merge_mlp(f"{mp}mlp.{i}.", 4 * d, llm.hidden_size if i == times - 1 else d)
 
     lp = cfg.facts.tensor_prefixes["llm"][0]
     h, hd = llm.hidden_size, llm.head_dim

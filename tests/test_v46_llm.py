@@ -60,6 +60,7 @@ PROMPT = ("<|im_start|>user\nDescribe the picture, please. 你好! café naïve 
 
 transformers = pytest.importorskip("transformers")
 llama_cpp = pytest.importorskip("llama_cpp")
+from test_gguf_export import _kld, _llama, _llama_logits  # noqa: E402  (f32 KV llama.cpp helpers)
 
 
 @pytest.fixture(scope="module")
@@ -302,28 +303,6 @@ def _hf_logits(model, ids: list[int]) -> np.ndarray:
     import torch
     with torch.no_grad():
         return model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
-
-
-def _llama(path: Path, n_ctx: int = 512):
-    # f32 KV cache, no flash attention: llama.cpp would otherwise round K/V to f16
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, type_k=0, type_v=0, flash_attn=False,
-                           verbose=False, n_threads=2, seed=0)
-
-
-def _llama_logits(path: Path, ids: list[int]) -> np.ndarray:
-    llm = _llama(path)
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float64)
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
-def _kld(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    lp, lq = _log_softmax(p), _log_softmax(q)
-    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
 
 
 def test_f32_gguf_logits_match_transformers(ckpt46, gguf46, hf46):
