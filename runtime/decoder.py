@@ -32,7 +32,7 @@ from . import llamacpp_log
 
 GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
 STATE_SEQ_PARTIAL_ONLY = 1     # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY: only the recurrent (or SWA) part
-MAX_STATE_SNAPSHOTS = 8
+MAX_STATE_SNAPSHOTS = 4     # ~20 MB each for 4.6 (18 delta-net layers x 16 heads x 128 x 128 f32)
 
 
 class ContextOverflowError(MiniCPMVEdgeError):
