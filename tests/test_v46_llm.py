@@ -394,18 +394,13 @@ N_NEW = 16
 
 
 def _hf_greedy(model, embeds, n: int) -> list[int]:
-    """transformers greedy decoding from input embeddings (no cache: every step recomputes, positions are
-    transformers' own defaults)."""
+    """transformers' own greedy `generate` from input embeddings (positions: transformers' defaults), `n` tokens
+    whatever they are (the decoder stops at end-of-generation tokens; callers pass its count)."""
     import torch
-    embed = model.get_input_embeddings()
-    x = torch.as_tensor(embeds, dtype=torch.float32)[None]
-    out = []
     with torch.no_grad():
-        for _ in range(n):
-            tok = int(model(inputs_embeds=x).logits[0, -1].argmax())
-            out.append(tok)
-            x = torch.cat([x, embed(torch.tensor([[tok]]))], dim=1)
-    return out
+        out = model.generate(inputs_embeds=torch.as_tensor(embeds, dtype=torch.float32)[None], max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, -n:].tolist()
 
 
 def _embeds(model, segments) -> np.ndarray:
