@@ -15,17 +15,20 @@ import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from minicpmv_edge.errors import CheckpointError
-from minicpmv_edge.facts import ModelFacts, UnknownVersionError, facts_for
+from minicpmv_edge.facts import ModelFacts, UnknownVersionError, facts_for_config
 from minicpmv_edge.untrusted import inside, read_json
 
 from .checkpoint_checks import (check_config, check_preprocessor, check_tokenizer_config, check_weight_map,
                                 read_chat_template, read_tokenizer_json)
 from .safetensors_io import SafetensorsFormatError, TensorInfo, load_tensor, read_header
+
+if TYPE_CHECKING:
+    from .checkpoint_native import LinearAttentionConfig
 
 CONFIG = "config.json"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
@@ -35,8 +38,8 @@ CHAT_TEMPLATE_JINJA = "chat_template.jinja"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SINGLE_SAFETENSORS = "model.safetensors"
 
-# Tensor-name prefixes by role; anything else (e.g. MiniCPM-o's apm./tts.) is reported as ignored.
-ROLE_PREFIXES = {"vision": "vpm.", "resampler": "resampler.", "llm": "llm."}
+# Tensor-name prefixes by role come from the facts table (`facts.tensor_prefixes`); anything else (e.g.
+# MiniCPM-o's apm./tts., 4.6's mtp.* head) is reported as ignored.
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ class LLMConfig:
     scale_emb: float | None = None        # MiniCPM muP: text embeddings are multiplied by this
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    rotary_dim: int | None = None         # rotated share of head_dim when RoPE is partial (4.6); None = all
+    linear_attention: "LinearAttentionConfig | None" = None   # gated-delta-net hybrid layers (4.6)
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,7 @@ class CheckpointConfig:
     facts: ModelFacts
     vision: VisionConfig
     llm: LLMConfig
-    resampler: ResamplerConfig
+    resampler: ResamplerConfig | None     # None: no resampler (4.6 merges patches inside/after the ViT)
     preprocess: PreprocessConfig
     raw: dict[str, Any] = field(repr=False, compare=False)
 
@@ -136,15 +141,19 @@ def parse_config(raw: dict[str, Any], path: Path = Path(CONFIG),
     """Validate a MiniCPM-V config.json dict (and optional preprocessor_config.json dict)."""
     if not isinstance(raw, dict):
         raise CheckpointError(path, "top level must be a JSON object")
-    if "version" not in raw:
-        raise CheckpointError(path, "missing field (MiniCPM-V configs carry their version, e.g. 4.5)", "version")
     try:
-        facts = facts_for(raw["version"])
+        facts = facts_for_config(raw)
     except UnknownVersionError as exc:
-        raise CheckpointError(path, str(exc), "version") from None
+        if "version" not in raw and raw.get("model_type") in (None, "minicpmv"):
+            raise CheckpointError(path, "missing field (MiniCPM-V configs carry their version, e.g. 4.5; 4.6 "
+                                  "configs say model_type minicpmv4_6)", "version") from None
+        raise CheckpointError(path, str(exc), "version" if "version" in raw else "model_type") from None
     # bounds first (export/checkpoint_checks.py): nothing below sizes anything from an unchecked number
     check_config(raw, facts, path)
     check_preprocessor(preprocessor, facts, preprocessor_path)
+    if facts.hf_model_type != "minicpmv":   # transformers-native layout (4.6): nested text/vision configs
+        from .checkpoint_native import parse_native_config
+        return parse_native_config(raw, path, facts, preprocessor, preprocessor_path)
     num = (int, float)
 
     vc = raw.get("vision_config")
@@ -236,6 +245,9 @@ def parse_config(raw: dict[str, Any], path: Path = Path(CONFIG),
 
 def expected_tensors(cfg: CheckpointConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a MiniCPM-V checkpoint of this config holds, with its shape (HF layout)."""
+    if cfg.facts.hf_model_type != "minicpmv":
+        from .checkpoint_native import native_expected_tensors
+        return native_expected_tensors(cfg)
     v, llm, r = cfg.vision, cfg.llm, cfg.resampler
     out: dict[str, tuple[int, ...]] = {
         "vpm.embeddings.patch_embedding.weight": (v.hidden_size, 3, v.patch_size, v.patch_size),
@@ -392,9 +404,9 @@ class Checkpoint:
             if info.dtype not in ("F32", "F16", "BF16"):
                 raise CheckpointError(info.file, f"dtype {info.dtype} is not a float type", name)
         extra = [n for n in self.tensors if n not in expected]
-        unknown_role = [n for n in extra if n.startswith(tuple(ROLE_PREFIXES.values()))]
+        unknown_role = [n for n in extra if n.startswith(self._all_prefixes)]
         # The HF code ties lm_head when tie_word_embeddings; a stored copy is harmless, anything else is not.
-        unknown_role = [n for n in unknown_role if n != "llm.lm_head.weight"]
+        unknown_role = [n for n in unknown_role if self.causal_lm_name(n) != "lm_head.weight"]
         if unknown_role:
             raise CheckpointError(where, f"unexpected tensor(s) {', '.join(unknown_role[:5])} for this config "
                                   f"(layer count or version mismatch?)")
@@ -425,10 +437,30 @@ class Checkpoint:
     def preprocess(self) -> PreprocessConfig:
         return self.config.preprocess
 
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The tensor roles of this version: "vision", "resampler", "llm" (2.6-4.5); "vision", "merger", "llm" (4.6)."""
+        return tuple(self.facts.tensor_prefixes)
+
+    @property
+    def _all_prefixes(self) -> tuple[str, ...]:
+        return tuple(p for prefixes in self.facts.tensor_prefixes.values() for p in prefixes)
+
     def names(self, role: str) -> list[str]:
-        """Tensor names of one role: "vision", "resampler" or "llm"."""
-        prefix = ROLE_PREFIXES[role]
-        return [n for n in expected_tensors(self.config) if n.startswith(prefix)]
+        """Tensor names of one role (see `roles`)."""
+        prefixes = self.facts.tensor_prefixes.get(role)
+        if prefixes is None:
+            raise CheckpointError(self.root, f"MiniCPM-V {self.version} has no {role!r} tensors "
+                                  f"(roles: {', '.join(self.roles)})")
+        return [n for n in expected_tensors(self.config) if n.startswith(prefixes)]
+
+    def causal_lm_name(self, name: str) -> str | None:
+        """An LLM tensor's name as the standalone causal LM spells it ("model.layers.0...", "lm_head.weight"),
+        which is what gguf-py's name tables expect; None for tensors outside the LLM."""
+        for ours, theirs in self.facts.llm_name_map:
+            if name.startswith(ours):
+                return theirs + name[len(ours):]
+        return None
 
     def tensor(self, name: str, dtype: Any = np.float32) -> np.ndarray:
         """One tensor as a numpy array (float32 unless asked otherwise), read on demand."""
@@ -441,8 +473,9 @@ class Checkpoint:
             raise CheckpointError(exc.path, exc.message, exc.field) from None
 
     def iter_tensors(self, role: str, strip_prefix: bool = False) -> Iterator[tuple[str, np.ndarray]]:
-        prefix = ROLE_PREFIXES[role]
+        prefixes = self.facts.tensor_prefixes[role]
         for name in self.names(role):
+            prefix = next(p for p in prefixes if name.startswith(p))
             yield (name[len(prefix):] if strip_prefix else name), self.tensor(name)
 
     def parameter_count(self, role: str | None = None) -> int:
@@ -481,16 +514,16 @@ class Checkpoint:
     def summary(self) -> dict[str, Any]:
         def gib(n: int) -> float:
             return round(n / 2 ** 30, 3)
-        sizes = {role: sum(self.tensors[n].nbytes for n in self.names(role)) for role in ROLE_PREFIXES}
+        sizes = {role: sum(self.tensors[n].nbytes for n in self.names(role)) for role in self.roles}
         return {
             "path": str(self.root),
             "version": self.version,
             "llm_arch": self.facts.llm_gguf_arch,
             "vision": self.vision.__dict__,
             "llm": {k: v for k, v in self.llm.__dict__.items()},
-            "resampler": self.resampler.__dict__,
+            "resampler": self.resampler.__dict__ if self.resampler else None,
             "preprocess": self.preprocess.__dict__,
-            "parameters": {role: self.parameter_count(role) for role in ROLE_PREFIXES},
+            "parameters": {role: self.parameter_count(role) for role in self.roles},
             "size_gib": {role: gib(sizes[role]) for role in sizes},
             "dtypes": sorted({self.tensors[n].dtype for n in expected_tensors(self.config)}),
             "ignored_tensors": len(self.ignored_tensors),
@@ -514,12 +547,16 @@ def main(argv: list[str] | None = None) -> int:
           f"vocab {ckpt.llm.vocab_size}, {p['llm'] / 1e9:.3f} B params")
     print(f"  ViT   {ckpt.vision.num_hidden_layers} layers, hidden {ckpt.vision.hidden_size}, "
           f"{p['vision'] / 1e6:.1f} M params")
-    print(f"  resampler {ckpt.resampler.query_num} queries x {ckpt.resampler.embed_dim}, "
-          f"{ckpt.resampler.num_heads} heads, {p['resampler'] / 1e6:.1f} M params")
+    if ckpt.resampler:
+        print(f"  resampler {ckpt.resampler.query_num} queries x {ckpt.resampler.embed_dim}, "
+              f"{ckpt.resampler.num_heads} heads, {p['resampler'] / 1e6:.1f} M params")
+    for role in ckpt.roles:
+        if role not in ("llm", "vision", "resampler"):
+            print(f"  {role} {p[role] / 1e6:.1f} M params")
     print(f"  dtypes {', '.join(info['dtypes'])}; slices up to {ckpt.preprocess.max_slice_nums} of "
           f"{ckpt.preprocess.slice_size}px; chat template: {'yes' if ckpt.chat_template else 'no'}")
     if ckpt.ignored_tensors:
-        print(f"  ignored {len(ckpt.ignored_tensors)} tensor(s) outside vpm./resampler./llm.")
+        print(f"  ignored {len(ckpt.ignored_tensors)} tensor(s) outside {', '.join(ckpt._all_prefixes)}")
     return 0
 
 

@@ -29,10 +29,11 @@ from typing import Any, Iterator
 import numpy as np
 
 from minicpmv_edge.errors import MiniCPMVEdgeError
-from minicpmv_edge.facts import LLMDims, ModelFacts, VisionDims, facts_for, SUPPORTED_VERSIONS
+from minicpmv_edge.facts import CHECKPOINT_VERSIONS, LLMDims, ModelFacts, VisionDims, checkpoint_facts
 
 from .checkpoint import (CONFIG, PREPROCESSOR_CONFIG, SAFETENSORS_INDEX, SINGLE_SAFETENSORS, expected_tensors,
                          parse_config)
+from . import synth_native
 from .safetensors_io import TensorSpec, write_safetensors
 
 SIZES = ("tiny", "edge-4b", "full")
@@ -194,12 +195,19 @@ def _shard(tensors: dict[str, tuple[int, ...]], shard_bytes: int) -> list[list[s
 def plan(version: str, size: str, vocab_size: int | None = None,
          token_ids: dict[str, int] | None = None, shard_bytes: int | None = None) -> SynthPlan:
     """Everything synth would write, computed without touching the disk (also `--dry-run`)."""
-    facts = facts_for(version)
-    vision, llm = _dims(facts, size)
-    vocab = vocab_size or llm.vocab_size or 2048
-    ids = token_ids or {"eos": 2, "bos": 1 if facts.bos_token else None, "pad": 2}
-    config = build_config(facts, vision, llm, vocab, ids)
-    pre = build_preprocessor_config(facts, vision)
+    facts = checkpoint_facts(version)
+    if facts.hf_model_type != "minicpmv":   # transformers-native layout (4.6)
+        vision, llm, _, _ = synth_native.native_dims(facts, size)
+        vocab = vocab_size or llm.vocab_size or 2048
+        ids = token_ids or {"eos": 2, "pad": 2, "image_pad": 3, "video_pad": 4}
+        config = synth_native.build_native_config(facts, size, vocab, ids)
+        pre = synth_native.build_native_preprocessor_config(facts, vision)
+    else:
+        vision, llm = _dims(facts, size)
+        vocab = vocab_size or llm.vocab_size or 2048
+        ids = token_ids or {"eos": 2, "bos": 1 if facts.bos_token else None, "pad": 2}
+        config = build_config(facts, vision, llm, vocab, ids)
+        pre = build_preprocessor_config(facts, vision)
     tensors = expected_tensors(parse_config(config, preprocessor=pre))
     if shard_bytes is None:  # tiny checkpoints are a single file, like small hub models
         shard_bytes = SHARD_BYTES if size != "tiny" else 2 ** 62
@@ -261,8 +269,9 @@ def synthesize(version: str, size: str, out: str | Path, *, seed: int = 0, overw
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise MiniCPMVEdgeError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-    facts = facts_for(version)
-    _, llm = _dims(facts, size)
+    facts = checkpoint_facts(version)
+    native = facts.hf_model_type != "minicpmv"
+    _, llm = synth_native.native_dims(facts, size)[:2] if native else _dims(facts, size)
     staging = out.with_name(out.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
@@ -277,14 +286,18 @@ def synthesize(version: str, size: str, out: str | Path, *, seed: int = 0, overw
             raise MiniCPMVEdgeError(f"vocab {vocab} is smaller than the tokenizer ({n_tokens} tokens)")
         ids = _token_ids(facts, staging)
         p = plan(facts.version, size, vocab, ids, shard_bytes)
-        (staging / CONFIG).write_text(json.dumps(p.config, indent=2) + "\n")
         (staging / PREPROCESSOR_CONFIG).write_text(json.dumps(p.preprocessor, indent=2) + "\n")
+        if native:   # transformers writes config.json and the weights itself
+            _write_native_weights(p, staging, seed, progress, n_tokens)
+        else:
+            (staging / CONFIG).write_text(json.dumps(p.config, indent=2) + "\n")
+            _write_weights(p, staging, seed, progress, n_tokens)
+        eos = [ids["eos"], ids["im_end"]] if native else ids["eos"]   # 4.6 stops on both
         (staging / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": ids.get("bos"), "eos_token_id": ids["eos"], "do_sample": True,
+            {"bos_token_id": ids.get("bos"), "eos_token_id": eos, "do_sample": True,
              "temperature": facts.sampling.temperature, "top_p": facts.sampling.top_p,
              "top_k": facts.sampling.top_k, "repetition_penalty": facts.sampling.repetition_penalty},
             indent=2) + "\n")
-        _write_weights(p, staging, seed, progress, n_tokens)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
@@ -297,6 +310,8 @@ def synthesize(version: str, size: str, out: str | Path, *, seed: int = 0, overw
 def _token_ids(facts: ModelFacts, folder: Path) -> dict[str, int]:
     data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     added = {t["content"]: t["id"] for t in data["added_tokens"]}
+    if facts.hf_model_type != "minicpmv":
+        return synth_native.native_token_ids(facts, added)
     eos = added[facts.stop_tokens[0]]
     ids = {"eos": eos, "pad": added.get("<|endoftext|>", added.get("</s>", eos))}
     if facts.bos_token:
@@ -331,9 +346,23 @@ def _write_weights(p: SynthPlan, folder: Path, seed: int, progress: bool, n_toke
         (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _write_native_weights(p: SynthPlan, folder: Path, seed: int, progress: bool, n_tokens: int) -> None:
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=p.total_bytes, unit="B", unit_scale=True, desc=f"synth {p.version} {p.size}")
+    synth_native.write_native_checkpoint(
+        p.config, folder, seed=seed, n_tokens=n_tokens, chunk_elements=CHUNK_ELEMENTS,
+        shard_bytes=SHARD_BYTES if p.size != "tiny" else 2 ** 40,
+        on_tensor=(lambda _, nbytes: bar.update(nbytes)) if bar else None)
+    if bar:
+        bar.close()
+    synth_native.check_saved_layout(folder, p.tensors)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="minicpmv-edge synth", description=__doc__.strip().splitlines()[0])
-    ap.add_argument("--version", required=True, choices=SUPPORTED_VERSIONS)
+    ap.add_argument("--version", required=True, choices=CHECKPOINT_VERSIONS)
     ap.add_argument("--size", default="tiny", choices=SIZES)
     ap.add_argument("--out", type=Path, help="output checkpoint folder")
     ap.add_argument("--seed", type=int, default=0)

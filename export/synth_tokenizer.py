@@ -2,8 +2,8 @@
 
 `minicpmv-edge synth` makes random-weight checkpoints that look like the hub's. The tokenizer is a
 real BPE, trained in about a second on `synth_text.corpus_lines`, with the same pipeline as the real
-one (Qwen2 byte-level BPE for 2.6/4.5, sentencepiece-style byte-fallback BPE for 4.0), the real
-special tokens, and the files a hub checkpoint ships. Only the vocabulary is small.
+one (Qwen2 byte-level BPE for 2.6/4.5, Qwen3.5's for 4.6, sentencepiece-style byte-fallback BPE for 4.0),
+the real special tokens, and the files a hub checkpoint ships. Only the vocabulary is small.
 """
 from __future__ import annotations
 
@@ -19,11 +19,25 @@ from minicpmv_edge.facts import ModelFacts
 
 from .synth_text import corpus_lines
 
-__all__ = ["write_tokenizer", "chat_template_text", "QWEN2_PRETOKENIZE_REGEX", "SPM_SPACE"]
+__all__ = ["write_tokenizer", "chat_template_text", "QWEN2_PRETOKENIZE_REGEX", "QWEN35_PRETOKENIZE_REGEX",
+           "SPM_SPACE"]
 
 # The pre-tokenizer split of Qwen2/Qwen2.5/Qwen3 tokenizer.json.
 QWEN2_PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
                            r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen3.5's (MiniCPM-V 4.6): combining marks (\p{M}) stay with the letters they modify.
+QWEN35_PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}|"
+                            r" ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Split regex by the llama.cpp pre-tokenizer name in the facts table (both sides must split alike).
+BYTE_BPE_SPLITS = {"qwen2": QWEN2_PRETOKENIZE_REGEX, "qwen35": QWEN35_PRETOKENIZE_REGEX}
+# The transformers tokenizer class that rebuilds exactly that pipeline from vocab + merges.
+BYTE_BPE_CLASSES = {"qwen2": "Qwen2Tokenizer", "qwen35": "Qwen3_5Tokenizer"}
+# transformers processor attributes (tokenizer.image_token, ...) by our image-grammar role, for the
+# transformers-native processors (4.6) that read them from tokenizer_config.json's extra_special_tokens.
+PROCESSOR_TOKEN_ATTRS = {"image_pad": "image_token", "video_pad": "video_token", "image_start": "image_start_token",
+                         "image_end": "image_end_token", "slice_start": "slice_start_token",
+                         "slice_end": "slice_end_token", "image_id_start": "image_id_start_token",
+                         "image_id_end": "image_id_end_token"}
 SPM_SPACE = "\u2581"  # sentencepiece's visible space "▁"
 SPM_HEAD = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2 in every Llama-style vocab
 TRAIN_LINES = 3000
@@ -34,12 +48,12 @@ def chat_template_text(name: str) -> str:
     return resources.files(__package__).joinpath("templates", f"{name}.jinja").read_text(encoding="utf-8")
 
 
-def _train_byte_bpe(lines: list[str], vocab_size: int) -> Tokenizer:
+def _train_byte_bpe(lines: list[str], vocab_size: int, split: str = QWEN2_PRETOKENIZE_REGEX) -> Tokenizer:
     """Qwen2-style: NFC, regex split, byte-level BPE, no unk (every byte is in the vocab)."""
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
@@ -121,12 +135,24 @@ def write_tokenizer(facts: ModelFacts, out_dir: Path, *, bpe_vocab_size: int = 1
     out_dir.mkdir(parents=True, exist_ok=True)
 
     lines = corpus_lines(TRAIN_LINES, seed)
-    tok = _train_byte_bpe(lines, bpe_vocab_size) if kind == "byte_bpe" else _train_spm_bpe(lines, bpe_vocab_size)
+    if kind == "byte_bpe":
+        if facts.gguf_tokenizer_pre not in BYTE_BPE_SPLITS:
+            raise ValueError(f"MiniCPM-V {facts.version}: no split regex for pre-tokenizer "
+                             f"{facts.gguf_tokenizer_pre!r}")
+        tok = _train_byte_bpe(lines, bpe_vocab_size, BYTE_BPE_SPLITS[facts.gguf_tokenizer_pre])
+    else:
+        tok = _train_spm_bpe(lines, bpe_vocab_size)
 
     specials = facts.all_special_tokens()
     vocab = tok.get_vocab(with_added_tokens=True)
     # spm's <unk>/<s>/</s> are already ids 0..2 (trainer special tokens); the rest go after the BPE vocab.
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials if t not in vocab])
+    new = [t for t in specials if t not in vocab]
+    if facts.plain_added_tokens:
+        # in the real order, with the tokens the real tokenizer marks special=false (4.6's <think>,
+        # <tool_call>, ...) added as such: one call, so the ids follow the list
+        tok.add_tokens([AddedToken(t, special=t not in facts.plain_added_tokens, normalized=False) for t in new])
+    else:
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
     for t in specials:
         ids = tok.encode(t, add_special_tokens=False).ids
         if ids != [tok.token_to_id(t)] or tok.decode(ids, skip_special_tokens=False) != t:
@@ -172,9 +198,14 @@ def _write_configs(facts: ModelFacts, tok: Tokenizer, out_dir: Path) -> None:
         # starts with a space (and after special tokens), which neither sentencepiece nor llama.cpp do.
         # PreTrainedTokenizerFast loads tokenizer.json verbatim, which is also what the hub checkpoint
         # gets (its MiniCPMVTokenizerFast class is unknown to transformers 5, which falls back to that).
-        tokenizer_class="Qwen2Tokenizer" if byte_bpe else "PreTrainedTokenizerFast",
+        tokenizer_class=BYTE_BPE_CLASSES[facts.gguf_tokenizer_pre] if byte_bpe else "PreTrainedTokenizerFast",
         unk_token=unk,
     )
+    if facts.hf_model_type != "minicpmv":
+        # transformers-native processors (4.6) read the image grammar as tokenizer attributes
+        config["extra_special_tokens"] = {attr: facts.special_tokens[role]
+                                          for role, attr in PROCESSOR_TOKEN_ATTRS.items()
+                                          if role in facts.special_tokens}
 
     def entry(t: str) -> dict:
         return {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}

@@ -1,14 +1,15 @@
 """The one table of facts about MiniCPM-V versions.
 
-Everything that differs between MiniCPM-V 2.6, 4.0, 4.5 (and a slot for 4.6) lives here. No other
-module branches on a version string: code asks `facts_for(version)` and reads a field.
+Everything that differs between MiniCPM-V 2.6, 4.0, 4.5 and 4.6 lives here. No other module branches on a
+version string: code asks `facts_for(version)` (or `facts_for_config(config_json)`) and reads a field.
 
 Numbers that the weights or config.json already hold (widths, layer counts, vocab size) are NOT
 facts here; code reads them from the checkpoint. The `reference_dims` of each entry are the real
 model's dimensions, used only to synthesize look-alike checkpoints for benchmarks.
 
-Sources are cited per field in docs/model.md (tags in brackets, defined in its §0). Values we
-could not confirm from a public source are listed in `unverified` and in the README.
+Sources are cited per field in docs/model.md (tags in brackets, defined in its §0) and, for 4.6, in
+docs/minicpmv-4.6.md. Values we could not confirm from a public source are listed in `unverified` and in
+the README.
 """
 from __future__ import annotations
 
@@ -63,6 +64,20 @@ class LLMDims:
 
 
 @dataclass(frozen=True)
+class HybridLLMDims:
+    """Real Qwen3.5 (4.6) gated-delta-net hybrid dimensions, for synthesizing look-alike checkpoints only."""
+    layer_pattern: tuple[str, ...]    # layer kinds, repeated: 3 x "linear_attention" then "full_attention"
+    linear_conv_kernel_dim: int
+    linear_key_head_dim: int
+    linear_value_head_dim: int
+    linear_num_key_heads: int
+    linear_num_value_heads: int
+    partial_rotary_factor: float      # share of head_dim that is rotated (the rest passes through)
+    attn_output_gate: bool            # full-attention q_proj also yields a sigmoid gate per head
+    mtp_num_hidden_layers: int        # the multi-token-prediction head (mtp.*), dropped by every export
+
+
+@dataclass(frozen=True)
 class SamplingDefaults:
     temperature: float
     top_p: float
@@ -74,6 +89,12 @@ class SamplingDefaults:
 class ModelFacts:
     version: str                      # config.json "version", normalised to "X.Y"
     hf_repo: str                      # where the real checkpoint lives (never fetched here)
+    # --- checkpoint layout
+    hf_model_type: str                # config.json "model_type"; "minicpmv" configs also carry "version"
+    tensor_prefixes: Mapping[str, tuple[str, ...]]  # tensor-name prefixes by role in the HF checkpoint
+    # LLM tensor names as the standalone causal LM (transformers' XxxForCausalLM, gguf-py's tables) spells them:
+    # (checkpoint prefix, causal-LM prefix) pairs
+    llm_name_map: tuple[tuple[str, str], ...]
     # --- language model
     llm_hf_class: str                 # transformers class the LLM loads as (the test reference)
     llm_gguf_arch: str                # llama.cpp architecture name written to the GGUF
@@ -92,6 +113,7 @@ class ModelFacts:
     sampling: SamplingDefaults
     # --- vision side
     vision_model_type: str            # vision_config.model_type in config.json
+    image_tokens: Mapping[str, str]   # image grammar by role (image_pad: the tokens embeddings replace)
     slicing: str                      # "llava_uhd" (first minimum wins) or "llava_uhd_v46" (tie-break)
     use_image_id: bool
     query_num: int
@@ -111,13 +133,20 @@ class ModelFacts:
     llm_rope_scaling: str | None = None  # rope_type in config.json's rope_scaling, if the real model has one
     vision_dims: VisionDims = field(default_factory=VisionDims)
     llm_dims: LLMDims | None = None
-    supported: bool = True            # False: a slot for a version we do not export yet
+    llm_hybrid_dims: HybridLLMDims | None = None   # Qwen3.5 linear/full attention mix (4.6)
+    insert_layer_id: int | None = None  # 4.6: ViT layer after which the window-attention merger runs
+    # The real tokenizer's added tokens in id order, when we know them all (4.6); `plain_added_tokens` are
+    # the ones it marks special=false (they stay in decoded text).
+    added_tokens: tuple[str, ...] = ()
+    plain_added_tokens: tuple[str, ...] = ()
+    supported: bool = True            # end to end: export (LLM + vision) and runtime
+    checkpoint_supported: bool = True  # the checkpoint reader, synth and the LLM GGUF export handle it
     unverified: tuple[str, ...] = ()  # field names not confirmed from a public source
 
     @property
     def special_tokens(self) -> Mapping[str, str]:
         """Every special token of this version by role (image grammar, chat, thinking)."""
-        roles = dict(IMAGE_TOKENS)
+        roles = dict(self.image_tokens)
         roles.update(CHATML_TOKENS)
         if self.thinking:
             roles.update(THINK_TOKENS)
@@ -125,6 +154,8 @@ class ModelFacts:
 
     def all_special_tokens(self) -> tuple[str, ...]:
         """Every special token a tokenizer of this version carries, in the order the real one adds them."""
+        if self.added_tokens:
+            return self.added_tokens
         head = ("<unk>", "<s>", "</s>") if self.tokenizer_kind == "spm_bpe" else ("<|endoftext|>",)
         ordered = [*head, *CHATML_TOKENS.values(), *self.stop_tokens, *IMAGE_TOKENS.values(),
                    *self.extra_special_tokens, *(THINK_TOKENS.values() if self.thinking else ()),
@@ -138,6 +169,9 @@ _QWEN_SAMPLING = SamplingDefaults(temperature=0.7, top_p=0.8, top_k=100, repetit
 _V26 = ModelFacts(
     version="2.6",
     hf_repo="openbmb/MiniCPM-V-2_6",
+    hf_model_type="minicpmv",
+    tensor_prefixes=MappingProxyType({"vision": ("vpm.",), "resampler": ("resampler.",), "llm": ("llm.",)}),
+    llm_name_map=(("llm.", ""),),
     llm_hf_class="Qwen2ForCausalLM",
     llm_gguf_arch="qwen2",
     llm_qkv_bias=True,
@@ -153,6 +187,7 @@ _V26 = ModelFacts(
     thinking=False,
     sampling=_QWEN_SAMPLING,
     vision_model_type="siglip",
+    image_tokens=IMAGE_TOKENS,
     slicing="llava_uhd",
     use_image_id=True,
     query_num=64,
@@ -226,16 +261,50 @@ _V45 = replace(
     unverified=("llm_dims.vocab_size", "chat_template", "image token ids"),
 )
 
-# 4.6 replaces the resampler with a ViT window-attention merger (llama.cpp has its own projector type for it).
-# A slot, so the table says so instead of failing with "unknown version".
+# 4.6: a transformers-native checkpoint (model_type "minicpmv4_6", no "version" key, nested text_config /
+# vision_config; transformers >= 5.7). Qwen3.5-0.8B text model (gguf `qwen35`: 3 of every 4 layers are gated
+# delta net linear attention, the 4th full attention with an output gate, partial rotary, tied embeddings);
+# SigLIP-400M with a window-attention merger inside the ViT and a 2x2 downsample MLP instead of a resampler
+# (llama.cpp has its own projector type for it). Sources: the hub's config.json, generation_config.json,
+# preprocessor_config.json and tokenizer.json as copied on GitHub, transformers' models/minicpmv4_6 and
+# models/qwen3_5, llama.cpp's conversion/minicpm.py + qwen.py; see docs/minicpmv-4.6.md.
+# End-to-end support (vision export, runtime) lands with the vision half, hence supported=False for now.
+_QWEN35_ADDED_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
+    "<think>", "</think>", "<|audio_start|>", "<|audio_end|>", "<tts_pad>", "<tts_text_bos>", "<tts_text_eod>",
+    "<tts_text_bos_single>", "<|audio_pad|>",
+)
 _V46 = replace(
     _V45,
     version="4.6",
-    hf_repo="openbmb/MiniCPM-V-4_6",
-    extra_special_tokens=(),
-    sampling=_QWEN_SAMPLING,
+    hf_repo="openbmb/MiniCPM-V-4.6",
+    hf_model_type="minicpmv4_6",
+    tensor_prefixes=MappingProxyType({"vision": ("model.vision_tower.",), "merger": ("model.merger.",),
+                                      "llm": ("model.language_model.", "lm_head.")}),
+    llm_name_map=(("model.language_model.", "model."), ("lm_head.", "lm_head.")),
+    llm_hf_class="Qwen3_5ForCausalLM",
+    llm_gguf_arch="qwen35",
+    llm_qk_norm=True,
+    gguf_tokenizer_pre="qwen35",      # llama.cpp's name for the Qwen3.5 split regex (it adds \p{M})
+    chat_template="qwen35",
+    stop_tokens=("<|im_end|>", "<|endoftext|>"),   # generation_config eos_token_id [248044, 248046]
+    extra_special_tokens=GROUNDING_TOKENS,
+    # 248044.. in the real vocabulary: Qwen3.5's own added tokens, then MiniCPM-V's image grammar
+    added_tokens=_QWEN35_ADDED_TOKENS + ("<unk>", "<image>", "</image>", *GROUNDING_TOKENS, "<slice>", "</slice>",
+                                         "<image_id>", "</image_id>", "<timestamp>", "</timestamp>"),
+    plain_added_tokens=("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+                        "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
+                        "<think>", "</think>"),
+    thinking=True,                    # off unless enable_thinking=true (the template closes an empty think block)
+    sampling=SamplingDefaults(temperature=0.7, top_p=1.0, top_k=0, repetition_penalty=1.0),  # generation_config
+    vision_model_type="minicpmv4_6_vision",
+    image_tokens=MappingProxyType({**IMAGE_TOKENS, "image_pad": "<|image_pad|>", "video_pad": "<|video_pad|>"}),
     slicing="llava_uhd_v46",
-    max_slice_nums=36,
+    max_slice_nums=9,                 # preprocessor_config.json (the README recommends 36 for images)
+    resampler_head_dim=0,             # no resampler
     mmproj_version=None,
     mmproj_projector_type="minicpmv4_6",
     video="frames_as_images",
@@ -243,14 +312,26 @@ _V46 = replace(
     video_default_packing=1,
     temporal_tick_s=None,
     max_temporal_size=None,
-    llm_dims=None,
+    insert_layer_id=6,
+    llm_dims=LLMDims(hidden_size=1024, num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=2,
+                     head_dim=256, intermediate_size=3584, vocab_size=248094, max_position_embeddings=262144,
+                     rope_theta=10_000_000.0, tie_word_embeddings=True),
+    llm_hybrid_dims=HybridLLMDims(layer_pattern=("linear_attention",) * 3 + ("full_attention",),
+                                  linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
+                                  linear_num_key_heads=16, linear_num_value_heads=16, partial_rotary_factor=0.25,
+                                  attn_output_gate=True, mtp_num_hidden_layers=1),
     supported=False,
-    unverified=("llm_hf_class", "query_num", "video"),
+    checkpoint_supported=True,
+    # chat template: the hub jinja was not retrieved; ours follows the Qwen3.5-0.8B family template (thinking
+    # off unless asked) and the prompt the AXERA port renders. video: owned by the vision half.
+    unverified=("chat_template", "video", "query_num"),
 )
 
 MODEL_FACTS: Mapping[str, ModelFacts] = MappingProxyType({f.version: f for f in (_V26, _V40, _V45, _V46)})
 
 SUPPORTED_VERSIONS = tuple(v for v, f in MODEL_FACTS.items() if f.supported)
+# Versions whose checkpoints can be read and synthesized and whose LLM exports to GGUF (a superset).
+CHECKPOINT_VERSIONS = tuple(v for v, f in MODEL_FACTS.items() if f.supported or f.checkpoint_supported)
 
 # Bounds that readers of bundles and requests check against, derived from the table (a new version moves them).
 MAX_SLICE_NUMS = max(f.max_slice_nums for f in MODEL_FACTS.values())
@@ -282,4 +363,38 @@ def facts_for(version: object, *, allow_unsupported: bool = False) -> ModelFacts
     if not facts.supported and not allow_unsupported:
         raise UnknownVersionError(
             f"MiniCPM-V {key} is listed but not supported yet (supported: {', '.join(SUPPORTED_VERSIONS)})")
+    return facts
+
+
+def facts_for_config(config: Mapping) -> ModelFacts:
+    """Facts for a config.json object: transformers-native versions by their `model_type` (4.6 has no
+    "version" key), the remote-code "minicpmv" ones by their "version". Versions whose checkpoints we can read
+    are accepted even before end-to-end support. Raises UnknownVersionError naming what was found."""
+    model_type = config.get("model_type")
+    native = {f.hf_model_type: f for f in MODEL_FACTS.values() if f.hf_model_type != "minicpmv"}
+    if isinstance(model_type, str) and model_type in native:
+        facts = native[model_type]
+    elif "version" in config:
+        facts = facts_for(config["version"], allow_unsupported=True)
+        if facts.hf_model_type != "minicpmv":
+            raise UnknownVersionError(
+                f"MiniCPM-V {facts.version} with a \"version\" field is not supported yet: {facts.version} "
+                f"checkpoints are transformers-native (model_type {facts.hf_model_type!r}, no version field)")
+    else:
+        raise UnknownVersionError(
+            f"model_type {model_type!r} has no \"version\" field and is not one of {', '.join(native)} "
+            f"(is this a MiniCPM-V checkpoint?)")
+    if not (facts.supported or facts.checkpoint_supported):
+        raise UnknownVersionError(f"MiniCPM-V {facts.version} is listed but not supported yet "
+                                  f"(supported: {', '.join(CHECKPOINT_VERSIONS)})")
+    return facts
+
+
+def checkpoint_facts(version: object) -> ModelFacts:
+    """Facts for a version whose checkpoints we read, synthesize and export the LLM of (`CHECKPOINT_VERSIONS`),
+    which includes versions not yet supported end to end."""
+    facts = facts_for(version, allow_unsupported=True)
+    if facts.version not in CHECKPOINT_VERSIONS:
+        raise UnknownVersionError(f"MiniCPM-V {facts.version} checkpoints are not supported yet "
+                                  f"(supported: {', '.join(CHECKPOINT_VERSIONS)})")
     return facts

@@ -5,6 +5,16 @@ A prompt is a list of segments: text token ids, or a block of embedding rows (on
 Each position gets a key ("t", token id) or ("e", content hash, row), and the decoder remembers the keys
 it has in its KV cache: a new prompt that starts with the same keys (a follow-up question, the same image
 again) is prefilled only from the first difference.
+
+Models with a recurrent state (4.6's gated-delta-net layers) cannot rewind that state to an arbitrary
+position, so for them the decoder keeps snapshots of it (llama.cpp's partial sequence state) at the segment
+boundaries of the last prompt and before its last position, resumes from the latest snapshot inside the
+shared prefix, and otherwise recomputes from the start. Prompts are decoded in the same batches either way,
+so a resumed prompt gives the tokens of a fresh run.
+
+Embedding rows are placed at consecutive positions, as transformers does for every MiniCPM-V version; on
+M-RoPE architectures (qwen35) llama.cpp wants four position components per row, given as (p, p, p, 0) like
+the text tokens it expands itself.
 """
 from __future__ import annotations
 
@@ -21,6 +31,8 @@ from minicpmv_edge.errors import MiniCPMVEdgeError
 from . import llamacpp_log
 
 GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
+STATE_SEQ_PARTIAL_ONLY = 1     # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY: only the recurrent (or SWA) part
+MAX_STATE_SNAPSHOTS = 4     # ~20 MB each for 4.6 (18 delta-net layers x 16 heads x 128 x 128 f32)
 
 
 class ContextOverflowError(MiniCPMVEdgeError):
@@ -126,6 +138,12 @@ class Decoder:
         self._mem = llama_cpp.llama_get_memory(self.ctx)
         self._keys: list[tuple] = []     # one key per position held in the KV cache
         self.path = path
+        # M-RoPE architectures read 4 position components per embedding row (llama_batch_compat)
+        self._pos_per_row = 4 if llama_cpp.llama_model_rope_type(self.model) in (
+            llama_cpp.LLAMA_ROPE_TYPE_MROPE, llama_cpp.LLAMA_ROPE_TYPE_IMROPE) else 1
+        self.recurrent = bool(llama_cpp.llama_model_is_recurrent(self.model)
+                              or llama_cpp.llama_model_is_hybrid(self.model))
+        self._snapshots: dict[int, bytes] = {}   # recurrent state after this many positions (recurrent only)
 
     # ----- text
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
@@ -160,13 +178,50 @@ class Decoder:
     def reset(self) -> None:
         self._lc.llama_memory_clear(self._mem, True)
         self._keys = []
+        self._snapshots = {}
 
     def _truncate(self, n_keep: int) -> None:
-        if n_keep < len(self._keys):
-            if not self._lc.llama_memory_seq_rm(self._mem, 0, n_keep, -1):
-                self.reset()     # the cache could not drop a suffix (e.g. recurrent memory): start over
+        """Keep the first `n_keep` positions, or fewer: `n_past` says how many were kept (0 = start over)."""
+        if n_keep >= len(self._keys):
+            return
+        if self.recurrent:
+            self._rewind(n_keep)
+            return
+        if not self._lc.llama_memory_seq_rm(self._mem, 0, n_keep, -1):
+            self.reset()     # the cache could not drop a suffix: start over
+            return
+        del self._keys[n_keep:]
+
+    # ----- recurrent state snapshots
+    def _snapshot(self) -> None:
+        """Remember the recurrent state at the current position (a few MB for 4.6, no attention cache)."""
+        lc, n = self._lc, len(self._keys)
+        if not self.recurrent or n in self._snapshots or n == 0:
+            return
+        size = lc.llama_state_seq_get_size_ext(self.ctx, 0, STATE_SEQ_PARTIAL_ONLY)
+        buf = (ctypes.c_uint8 * size)()
+        if lc.llama_state_seq_get_data_ext(self.ctx, buf, size, 0, STATE_SEQ_PARTIAL_ONLY) != size:
+            return
+        self._snapshots[n] = bytes(buf)
+        while len(self._snapshots) > MAX_STATE_SNAPSHOTS:
+            del self._snapshots[min(self._snapshots)]
+
+    def _rewind(self, n_keep: int) -> None:
+        """Go back to the latest snapshot at or before `n_keep`: restore the recurrent state, then drop the
+        attention cache after it (the recurrent part then has nothing after it to drop). No snapshot: reset."""
+        lc = self._lc
+        for n in [k for k in self._snapshots if k > n_keep]:
+            del self._snapshots[n]
+        while self._snapshots:
+            n = max(self._snapshots)
+            data = self._snapshots[n]
+            buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+            if (lc.llama_state_seq_set_data_ext(self.ctx, buf, len(data), 0, STATE_SEQ_PARTIAL_ONLY) == len(data)
+                    and lc.llama_memory_seq_rm(self._mem, 0, n, -1)):
+                del self._keys[n:]
                 return
-            del self._keys[n_keep:]
+            del self._snapshots[n]
+        self.reset()
 
     @staticmethod
     def _segment_keys(seg: Segment) -> list[tuple]:
@@ -183,7 +238,9 @@ class Decoder:
         if p0 + n > self.n_ctx:
             raise ContextOverflowError(f"the prompt needs {p0 + n} positions but the context holds {self.n_ctx} "
                                        f"(raise n_ctx, use fewer slices or images, or shorten the text)")
-        batch = lc.llama_batch_init(n, self.n_embd if rows is not None else 0, 1)
+        # embedding rows on M-RoPE models take 4 position components each, section-major
+        n_pos = n * self._pos_per_row if rows is not None else n
+        batch = lc.llama_batch_init(n_pos, self.n_embd if rows is not None else 0, 1)
         try:
             if rows is not None:
                 rows = np.ascontiguousarray(rows, dtype=np.float32)
@@ -198,6 +255,9 @@ class Decoder:
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
                 batch.logits[i] = want_logits and i == n - 1
+            for j in range(1, n_pos // n):      # (p, p, p, 0), as llama.cpp expands text positions
+                for i in range(n):
+                    batch.pos[j * n + i] = p0 + i if j < 3 else 0
             batch.n_tokens = n
             rc = lc.llama_decode(self.ctx, batch)
             if rc != 0:
@@ -222,7 +282,11 @@ class Decoder:
             common += 1
         common = min(common, len(keys) - 1)   # always recompute the last position to get its logits
         self._truncate(common)
+        common = len(self._keys)              # a recurrent model may have gone back further
         self.last_prefill_positions = len(keys) - common
+        # Recurrent models decode the last position on its own, after a snapshot, in fresh and resumed runs alike
+        # (the same batches give the same numbers); segment ends are snapshot points too.
+        last = len(keys) - 1 if self.recurrent else len(keys)
         pos = 0
         for seg in segments:
             seg_keys = self._segment_keys(seg)
@@ -231,19 +295,31 @@ class Decoder:
             if end <= common:
                 continue
             skip = max(common - start, 0)
-            if isinstance(seg, Embeddings):
-                rows = seg.rows[skip:]
-                for i in range(0, rows.shape[0], self.n_batch):
-                    part = rows[i:i + self.n_batch]
-                    self._decode_batch(rows=part, want_logits=end == len(keys) and i + len(part) == len(rows))
-                    self._keys.extend(seg_keys[skip + i: skip + i + len(part)])
-            else:
-                toks = list(seg)[skip:]
-                for i in range(0, len(toks), self.n_batch):
-                    part = toks[i:i + self.n_batch]
-                    self._decode_batch(tokens=part, want_logits=end == len(keys) and i + len(part) == len(toks))
-                    self._keys.extend(seg_keys[skip + i: skip + i + len(part)])
+            for lo, hi in ((start + skip, min(end, last)), (max(start + skip, last), end)):
+                if lo >= hi:
+                    continue
+                if self.recurrent and lo == last:
+                    self._snapshot()
+                part_keys = keys[lo:hi]
+                if isinstance(seg, Embeddings):
+                    self._decode_rows(seg.rows[lo - start:hi - start], part_keys, want_logits=hi == len(keys))
+                else:
+                    self._decode_tokens(list(seg)[lo - start:hi - start], part_keys, want_logits=hi == len(keys))
+            if self.recurrent and end < last:
+                self._snapshot()
         return self.logits()
+
+    def _decode_rows(self, rows: np.ndarray, keys: list[tuple], *, want_logits: bool) -> None:
+        for i in range(0, rows.shape[0], self.n_batch):
+            part = rows[i:i + self.n_batch]
+            self._decode_batch(rows=part, want_logits=want_logits and i + len(part) == len(rows))
+            self._keys.extend(keys[i:i + len(part)])
+
+    def _decode_tokens(self, toks: list[int], keys: list[tuple], *, want_logits: bool) -> None:
+        for i in range(0, len(toks), self.n_batch):
+            part = toks[i:i + self.n_batch]
+            self._decode_batch(tokens=part, want_logits=want_logits and i + len(part) == len(toks))
+            self._keys.extend(keys[i:i + len(part)])
 
     def logits(self) -> np.ndarray:
         ptr = self._lc.llama_get_logits_ith(self.ctx, -1)
