@@ -141,7 +141,11 @@ def main() -> int:
         pct = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan"))  # noqa: E731
         bad_5xx = {c: n for c, n in statuses.items() if 500 <= c < 600 and c != 503}
         growth = (max(rss_samples) - rss_after_warmup) / rss_after_warmup if rss_samples else 0.0
+        kinds: dict[str, int] = {}
+        for e in errors:
+            kinds[e.split("(")[0]] = kinds.get(e.split("(")[0], 0) + 1
         report = {"clients": args.clients, "seconds": args.seconds, "statuses": statuses, "client_errors": len(errors),
+                  "client_error_kinds": kinds,
                   "ok_requests": len(lat), "latency_s": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)},
                   "rss_mb": {"after_warmup": rss_after_warmup, "max": max(rss_samples or [rss_end]), "end": rss_end},
                   "rss_growth_after_warmup": growth, "health_max_s": max(health_s or [float("nan")]),

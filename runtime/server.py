@@ -47,6 +47,7 @@ PRESET_PROMPTS = {
     "question": "What is the most interesting thing in this image?",
 }
 ROLES = ("system", "user", "assistant")
+_NOTHING = object()           # no event from the worker yet
 MAX_JSON_DEPTH = 32           # the deepest legitimate request (messages > content > part > video > frames) is ~6
 MAX_INT_DIGITS = 20           # 64-bit integers; a 5 000-digit "number" is refused while parsing
 
@@ -502,14 +503,18 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
 
     async def _events(job: _Job, request: Request):
         """Yield the worker's events; when the client goes away (queued or running), cancel the job."""
-        done = False
+        done, checked = False, time.monotonic()
         try:
             while True:
                 try:
                     item = await asyncio.wait_for(job.events.get(), timeout=0.2)
                 except asyncio.TimeoutError:
+                    item = _NOTHING
+                if time.monotonic() - checked >= 0.2:     # also while tokens flow (a non-streamed answer)
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return
+                if item is _NOTHING:
                     continue
                 if item is None:
                     done = True
