@@ -33,7 +33,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
-from minicpmv_edge.errors import BundleError, MiniCPMVEdgeError
+from minicpmv_edge.errors import BundleError
 from minicpmv_edge.facts import (MAX_SLICE_NUMS, MODEL_FACTS, SLICING_VARIANTS, SPECIAL_TOKEN_ROLES, SUPPORTED_VERSIONS,
                                 ModelFacts)
 
@@ -831,4 +831,4 @@ def load(bundle: str | Path | Bundle, *, llm: str | None = None, vision: str | N
 __all__ = ["MANIFEST", "SCHEMA_VERSION", "FileKind", "FILE_KINDS", "KINDS", "file_name", "graph_of_outputs",
            "Manifest", "ModelSection", "PreprocessSection", "PromptSection", "FileEntry", "FileRecord", "Parity",
            "Section", "Where", "Bundle", "BundleFile", "BundleError", "HashCache", "VISION_BACKENDS", "load",
-           "read_manifest_json", "regular_file", "inside", "sha256_file", "tree_digest", "MiniCPMVEdgeError"]
+           "read_manifest_json", "regular_file", "inside", "sha256_file", "tree_digest"]
