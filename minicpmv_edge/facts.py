@@ -108,11 +108,29 @@ class ModelFacts:
     llm_dims: LLMDims | None = None
     supported: bool = True            # False: a slot for a version we do not export yet
     unverified: tuple[str, ...] = ()  # field names not confirmed from a public source
+    # --- vision side, MiniCPM-V 4.6 and later (merger instead of resampler; docs/minicpmv-4.6-vision.md)
+    vision_position_ids: str = "bucketize"   # NaViT ids: "bucketize" (arange(0, 1-1e-6, 1/n)) or "nearest" (arange(n)/n)
+    image_pad_token: str | None = None       # replaces IMAGE_TOKENS["image_pad"] (e.g. "<|image_pad|>")
+    # downsample mode -> patches merged per side by the vision graph (tokens per slice = h*w / side^2; slice
+    # sides are multiples of patch_size * side). Empty: a fixed query_num per slice (the resampler).
+    downsample_modes: tuple[tuple[str, int], ...] = ()
+    default_downsample_mode: str | None = None
+
+    def downsample_side(self, mode: str | None = None) -> int:
+        """Patches merged per side in downsample `mode` (None: the default mode). ValueError names the modes."""
+        modes = dict(self.downsample_modes)
+        mode = mode or self.default_downsample_mode
+        if mode not in modes:
+            raise ValueError(f"MiniCPM-V {self.version}: downsample mode {mode!r} is not one of "
+                             f"{sorted(modes) or 'none (this version has a resampler)'}")
+        return modes[mode]
 
     @property
     def special_tokens(self) -> Mapping[str, str]:
         """Every special token of this version by role (image grammar, chat, thinking)."""
         roles = dict(IMAGE_TOKENS)
+        if self.image_pad_token:
+            roles["image_pad"] = self.image_pad_token
         roles.update(CHATML_TOKENS)
         if self.thinking:
             roles.update(THINK_TOKENS)
@@ -236,6 +254,13 @@ _V46 = replace(
     llm_dims=None,
     supported=False,
     unverified=("llm_hf_class", "query_num", "video"),
+    # vision side [transformers 5.23 models/minicpmv4_6, vision_utils.get_vision_nearest_position_ids;
+    # llama.cpp clip.cpp PROJECTOR_TYPE_MINICPMV4_6]: the ViT window merger (after insert_layer_id) and the
+    # final merger each merge 2x2 patches; "4x" skips the window merger.
+    vision_position_ids="nearest",
+    image_pad_token="<|image_pad|>",
+    downsample_modes=(("16x", 4), ("4x", 2)),
+    default_downsample_mode="16x",
 )
 
 MODEL_FACTS: Mapping[str, ModelFacts] = MappingProxyType({f.version: f for f in (_V26, _V40, _V45, _V46)})
