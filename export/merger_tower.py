@@ -33,7 +33,7 @@ from torch import nn
 from minicpmv_edge.errors import CheckpointError
 from minicpmv_edge.facts import ModelFacts, facts_for
 
-from .checkpoint import CONFIG, PREPROCESSOR_CONFIG, _index_tensors, _read_json
+from .checkpoint import CONFIG, PREPROCESSOR_CONFIG, VisionConfig, _index_tensors, _read_json
 from .safetensors_io import TensorInfo, load_tensor
 
 __all__ = ["MODEL_TYPES", "MergerVisionConfig", "MergerCheckpoint", "MergerSliceModel", "is_merger_checkpoint",
@@ -48,16 +48,8 @@ MERGER_LN_EPS = 1e-6
 
 
 @dataclass(frozen=True)
-class MergerVisionConfig:
-    """The fields of a 4.6 config.json (+ preprocessor_config.json) the vision side needs."""
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    patch_size: int
-    image_size: int                 # position table side = image_size // patch_size
-    layer_norm_eps: float
-    hidden_act: str
+class MergerVisionConfig(VisionConfig):
+    """The SigLIP fields of `VisionConfig` plus what a 4.6 config.json (+ preprocessor_config.json) adds."""
     insert_layer_id: int            # the window merger runs after this layer ("16x")
     merger_times: int               # rounds of 2x2 merging in the final merger
     llm_hidden_size: int            # text_config.hidden_size: width of the output embeddings
@@ -66,14 +58,6 @@ class MergerVisionConfig:
     max_slice_nums: int
     norm_mean: tuple[float, float, float]
     norm_std: tuple[float, float, float]
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def num_patches_per_side(self) -> int:
-        return self.image_size // self.patch_size
 
 
 def is_merger_checkpoint(root: str | Path) -> bool:
