@@ -10,6 +10,16 @@ llama.cpp's clip loader reads (tools/mtmd/clip.cpp, clip-impl.h):
 - `resampler.pos_embed_k`, a 70×70 2-D sincos table, must be present although the graph recomputes it.
 Tensor names follow the loader's own macros; gguf-py spells one of them differently
 (`resampler.pos_embd_k`), so the names below are the loader's, in one table.
+
+MiniCPM-V 4.6 has its own projector, `clip.projector_type = "minicpmv4_6"` (`clip_graph_minicpmv4_6` in
+llama.cpp's tools/mtmd/models/minicpmv.cpp; its HF converter is conversion/minicpm.py MiniCPMV4_6VisionModel):
+- `clip.vision.projector.scale_factor` = patches merged per side (4 for "16x", 2 for "4x"); one file serves one
+  mode, and a "4x" file carries no `v.vit_merger.*` tensors;
+- `clip.vision.wa_layer_indexes` = [insert_layer_id] (the window merger runs after that layer);
+- `clip.vision.image_size` = the slice size (preprocessor scale_resolution, 448), not the 980 of the position
+  table: clip uses it as its slicing resolution;
+- `mlp.fc1`/`fc2` keep their own names (`ffn_up`/`ffn_down`); the final merger is `mm.input_norm`, `mm.up`,
+  `mm.down` (one merge round only: llama.cpp has no second one); no resampler tensors at all.
 """
 from __future__ import annotations
 
@@ -25,6 +35,7 @@ from minicpmv_edge.errors import MiniCPMVEdgeError
 from minicpmv_edge.runtime.resampler import sincos_2d
 
 from .checkpoint import Checkpoint
+from .merger_tower import MERGER_PREFIX, VISION_PREFIX, MergerCheckpoint
 
 # MiniCPM-V keys that gguf-py's Keys table lacks (clip-impl.h KEY_MINICPMV_*).
 KEY_MINICPMV_VERSION = "clip.minicpmv_version"
@@ -57,6 +68,24 @@ _RESAMPLER_NAMES = {
     "proj": "resampler.proj.weight",   # stored transposed
 }
 POS_EMBED_K = "resampler.pos_embed_k"
+KEY_WA_LAYER_INDEXES = "clip.vision.wa_layer_indexes"   # gguf 0.19's Keys table lacks it (clip-impl.h)
+
+# MiniCPM-V 4.6: checkpoint name after "model.vision_tower." / "model.merger." -> mmproj name (leaf appended)
+_V46_VIT_NAMES = {
+    "embeddings.patch_embedding": "v.patch_embd",
+    "embeddings.position_embedding": "v.position_embd",
+    "post_layernorm": "v.post_ln",
+    "vit_merger.layer_norm1": "v.vit_merger.ln1",
+    "vit_merger.self_attn.q_proj": "v.vit_merger.attn_q",
+    "vit_merger.self_attn.k_proj": "v.vit_merger.attn_k",
+    "vit_merger.self_attn.v_proj": "v.vit_merger.attn_v",
+    "vit_merger.self_attn.out_proj": "v.vit_merger.attn_out",
+    "vit_merger.pre_norm": "v.vit_merger.ds_ln",
+    "vit_merger.linear_1": "v.vit_merger.ds_ffn_up",
+    "vit_merger.linear_2": "v.vit_merger.ds_ffn_down",
+}
+_V46_LAYER_NAMES = dict(_VIT_LAYER_NAMES, **{"mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"})
+_V46_MERGER_NAMES = {"mlp.0.pre_norm": "mm.input_norm", "mlp.0.linear_1": "mm.up", "mlp.0.linear_2": "mm.down"}
 MMPROJ_TYPES = ("F32", "F16", "Q8_0")
 
 
@@ -101,6 +130,35 @@ def mmproj_tensors(ckpt: Checkpoint) -> list[tuple[str, Callable[[], np.ndarray]
     return out
 
 
+def merger_mmproj_tensors(ckpt: MergerCheckpoint, downsample_mode: str
+                          ) -> list[tuple[str, Callable[[], np.ndarray]]]:
+    """(mmproj name, loader) for every tensor of a 4.6 mmproj in `downsample_mode`, in checkpoint order."""
+    if ckpt.vision.merger_times != 1:
+        raise MiniCPMVEdgeError(f"{ckpt.root}: merger_times {ckpt.vision.merger_times}: llama.cpp's minicpmv4_6 "
+                                "projector has one merge round only")
+    skip_window_merger = ckpt.facts.downsample_side(downsample_mode) != 4
+    out: list[tuple[str, Callable[[], np.ndarray]]] = []
+    for name in ckpt.names():
+        module, leaf = name.rsplit(".", 1)
+        if module.startswith(VISION_PREFIX):
+            short = module[len(VISION_PREFIX):]
+            if short.startswith("vit_merger.") and skip_window_merger:
+                continue
+            parts = short.split(".")
+            if short in _V46_VIT_NAMES:
+                target = _V46_VIT_NAMES[short]
+            elif parts[:2] == ["encoder", "layers"] and ".".join(parts[3:]) in _V46_LAYER_NAMES:
+                target = f"v.blk.{parts[2]}.{_V46_LAYER_NAMES['.'.join(parts[3:])]}"
+            else:
+                raise MiniCPMVEdgeError(f"{ckpt.root}: no mmproj name for vision tensor {name}")
+        else:
+            target = _V46_MERGER_NAMES.get(module[len(MERGER_PREFIX):])
+            if target is None:
+                raise MiniCPMVEdgeError(f"{ckpt.root}: no mmproj name for merger tensor {name}")
+        out.append((f"{target}.{leaf}", lambda name=name: ckpt.tensor(name)))
+    return out
+
+
 def _stored_type(name: str, data: np.ndarray, out_type: str) -> gguf.GGMLQuantizationType:
     """What clip.cpp expects: 1-D tensors, the query and the sincos table f32; the patch conv at least f16
     (ggml's im2col path); Q8_0 only where rows are a multiple of its 32-element block."""
@@ -111,40 +169,56 @@ def _stored_type(name: str, data: np.ndarray, out_type: str) -> gguf.GGMLQuantiz
     return gguf.GGMLQuantizationType.F16
 
 
-def write_mmproj_gguf(ckpt: Checkpoint, out: str | Path, out_type: str = "F16",
-                      on_tensor: Callable[[str, int], None] | None = None) -> Path:
-    """Write the mmproj GGUF (temporary name, renamed when complete)."""
+def write_mmproj_gguf(ckpt: Checkpoint | MergerCheckpoint, out: str | Path, out_type: str = "F16",
+                      on_tensor: Callable[[str, int], None] | None = None, *,
+                      downsample_mode: str | None = None) -> Path:
+    """Write the mmproj GGUF (temporary name, renamed when complete). A 4.6 checkpoint gets the `minicpmv4_6`
+    projector in `downsample_mode` (default: the checkpoint's own)."""
     if out_type not in MMPROJ_TYPES:
         raise MiniCPMVEdgeError(f"unknown mmproj type {out_type!r} (choose {', '.join(MMPROJ_TYPES)})")
-    facts, v, pre = ckpt.facts, ckpt.vision, ckpt.preprocess
-    if facts.mmproj_version is None or facts.mmproj_projector_type != "resampler":
-        raise MiniCPMVEdgeError(f"MiniCPM-V {facts.version} has no llama.cpp resampler mmproj layout")
+    facts, v = ckpt.facts, ckpt.vision
+    merger = isinstance(ckpt, MergerCheckpoint)
+    if merger:
+        mode = downsample_mode or v.downsample_mode
+        tensors = merger_mmproj_tensors(ckpt, mode)
+        slice_size, mean, std = v.slice_size, v.norm_mean, v.norm_std
+    else:
+        if facts.mmproj_version is None or facts.mmproj_projector_type != "resampler":
+            raise MiniCPMVEdgeError(f"MiniCPM-V {facts.version} has no llama.cpp resampler mmproj layout")
+        tensors = mmproj_tensors(ckpt)
+        pre = ckpt.preprocess
+        slice_size, mean, std = pre.slice_size, pre.norm_mean, pre.norm_std
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     w = gguf.GGUFWriter(str(tmp), "clip")
     try:
         w.add_bool("clip.has_text_encoder", False)
         w.add_bool(gguf.Keys.Clip.HAS_VISION_ENCODER, True)
-        w.add_bool(KEY_HAS_MINICPMV_PROJECTOR, True)
         w.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7}[out_type])
         w.add_name(f"MiniCPM-V-{facts.version} vision")
         w.add_description("image encoder for MiniCPM-V")
         w.add_string(gguf.Keys.Clip.PROJECTOR_TYPE, facts.mmproj_projector_type)
-        w.add_int32(KEY_MINICPMV_VERSION, facts.mmproj_version)
-        w.add_uint32(KEY_MINICPMV_QUERY_NUM, ckpt.resampler.query_num)
-        w.add_uint32(gguf.Keys.ClipVision.IMAGE_SIZE, pre.slice_size)
+        if merger:
+            w.add_uint32(gguf.Keys.ClipVision.Projector.SCALE_FACTOR, facts.downsample_side(mode))
+            w.add_array(KEY_WA_LAYER_INDEXES, [v.insert_layer_id])
+            w.add_uint32(gguf.Keys.ClipVision.PROJECTION_DIM, v.llm_hidden_size)
+        else:
+            w.add_bool(KEY_HAS_MINICPMV_PROJECTOR, True)
+            w.add_int32(KEY_MINICPMV_VERSION, facts.mmproj_version)
+            w.add_uint32(KEY_MINICPMV_QUERY_NUM, ckpt.resampler.query_num)
+            w.add_uint32(gguf.Keys.ClipVision.PROJECTION_DIM, 0)
+        w.add_uint32(gguf.Keys.ClipVision.IMAGE_SIZE, slice_size)
         w.add_uint32(gguf.Keys.ClipVision.PATCH_SIZE, v.patch_size)
         w.add_uint32(gguf.Keys.ClipVision.EMBEDDING_LENGTH, v.hidden_size)
         w.add_uint32(gguf.Keys.ClipVision.FEED_FORWARD_LENGTH, v.intermediate_size)
-        w.add_uint32(gguf.Keys.ClipVision.PROJECTION_DIM, 0)
         w.add_uint32(gguf.Keys.ClipVision.Attention.HEAD_COUNT, v.num_attention_heads)
         w.add_float32(gguf.Keys.ClipVision.Attention.LAYERNORM_EPS, v.layer_norm_eps)
         w.add_uint32(gguf.Keys.ClipVision.BLOCK_COUNT, v.num_hidden_layers)
-        w.add_array(gguf.Keys.ClipVision.IMAGE_MEAN, list(pre.norm_mean))
-        w.add_array(gguf.Keys.ClipVision.IMAGE_STD, list(pre.norm_std))
+        w.add_array(gguf.Keys.ClipVision.IMAGE_MEAN, list(mean))
+        w.add_array(gguf.Keys.ClipVision.IMAGE_STD, list(std))
         w.add_bool(gguf.Keys.ClipVision.USE_GELU, True)
         # mmproj files are small (~1 GB at most): build them in memory, then write once
-        for name, load in mmproj_tensors(ckpt):
+        for name, load in tensors:
             data = load()
             qtype = _stored_type(name, data, out_type)
             if qtype == gguf.GGMLQuantizationType.F32:

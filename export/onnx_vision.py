@@ -9,6 +9,10 @@ One graph encodes ONE slice of any size (docs/model.md §3.4: batch 1, no paddin
     output   patch_features float32 [1, h*w, C]         after post_layernorm, patches row-major
     (+resampler) image_embeds float32 [1, Q, D]         one slice's resampler block, ready for the LLM
 
+MiniCPM-V 4.6 has no resampler: its graphs ("vision_merger_16x" / "vision_merger_4x", export/merger_tower.py)
+run the tower with its window merger and the final merger and end in `image_embeds` [1, h*w/16 (or /4), D];
+their position ids are 4.6's nearest ids (`position_nearest_ids`) and h, w must be multiples of 4 (2).
+
 The bucketed NaViT position ids are an input computed by the runtime (numpy, bit-exact with HF's float32
 `torch.arange`/`bucketize`, see runtime/preprocess.py), so the graph holds no arange quirks; its shape
 [h, w] also carries the patch grid, from which the resampler graph builds its 2D sincos keys in-graph
@@ -44,13 +48,15 @@ from minicpmv_edge.runtime.bundle import (FILE_KINDS, ONNX_VISION_KINDS, Parity,
 from minicpmv_edge.runtime.vision import VisionIO
 
 from .checkpoint import Checkpoint
+from .merger_tower import MergerCheckpoint, MergerSliceModel, is_merger_checkpoint
 from .reference import Resampler, VisionTower
 
 __all__ = ["IO", "GRAPHS", "PRECISIONS", "FUSED_OPS", "FUSIONS", "FP16_KEEP_FP32", "PARITY_GRIDS",
            "EXPORT_PARITY_GRIDS", "EXTERNAL_DATA_THRESHOLD", "OnnxArtifact", "SliceVisionModel", "export_onnx",
            "convert_fp16", "export_vision_onnx", "save_onnx", "onnx_file_name", "slice_feed", "random_slice",
            "parity", "op_counts", "ort_session", "ort_session_fusions", "cosine_rows", "reference_modules",
-           "reference_output"]
+           "reference_output", "MERGER_GRAPHS", "GRAPH_METADATA_KEY", "merger_parity_grids", "graph_of",
+           "open_vision_checkpoint", "vision_graphs"]
 
 
 # Input/output names of every vision graph (ONNX and CoreML): the runtime owns them (runtime/vision.py).
@@ -59,6 +65,7 @@ IO = VisionIO
 
 # graph name -> output it ends in
 GRAPHS = {FILE_KINDS[k].graph: IO(FILE_KINDS[k].graph_output) for k in ONNX_VISION_KINDS}
+MERGER_GRAPHS = {"16x": "vision_merger_16x", "4x": "vision_merger_4x"}   # 4.6, per downsample mode
 PRECISIONS = ("fp32", "fp16")
 OPSET = 18
 # ORT CPU fused kernels we look for (com.microsoft domain, plus the ONNX LayerNormalization op).
@@ -80,6 +87,13 @@ EXTERNAL_DATA_THRESHOLD = 2 ** 31 - 2 ** 26
 def onnx_file_name(name: str, precision: str, graph: str = "vision") -> str:
     """`vision-<name>-<precision>.onnx` / `vision-resampler-<name>-<precision>.onnx` (runtime/bundle.py's table)."""
     return file_name(kind_of_graph(graph), name, precision)
+
+
+def merger_parity_grids(side: int, grids: Sequence[tuple[int, int]] = PARITY_GRIDS) -> tuple[tuple[int, int], ...]:
+    """PARITY_GRIDS moved to the nearest multiples of `side` (at least `side`): the same shapes as far as a
+    4.6 graph, which needs whole 2x2 (x2) merge blocks, allows."""
+    snap = lambda n: max(side, round(n / side) * side)
+    return tuple((snap(h), snap(w)) for h, w in grids)
 
 
 # =============================================================================================
@@ -252,33 +266,78 @@ def _fused(counts: dict[str, int]) -> dict[str, int]:
     return {op: counts[op] for op in FUSED_OPS if counts.get(op)}
 
 
-def _build_module(ckpt: Checkpoint, graph: str) -> SliceVisionModel:
+def open_vision_checkpoint(source: Checkpoint | MergerCheckpoint | str | Path) -> Checkpoint | MergerCheckpoint:
+    """A checkpoint object for a folder: `MergerCheckpoint` for 4.6 (merger) folders, else `Checkpoint`."""
+    if isinstance(source, (Checkpoint, MergerCheckpoint)):
+        return source
+    return MergerCheckpoint.open(source) if is_merger_checkpoint(source) else Checkpoint.open(source)
+
+
+def vision_graphs(ckpt: Checkpoint | MergerCheckpoint, with_resampler: bool = False,
+                  downsample_modes: Iterable[str] | None = None) -> list[str]:
+    """The graphs a checkpoint exports: "vision" (+ "vision_resampler"), or one merger graph per 4.6 mode."""
+    if isinstance(ckpt, MergerCheckpoint):
+        modes = list(downsample_modes) if downsample_modes is not None else [m for m, _ in ckpt.facts.downsample_modes]
+        bad = [m for m in modes if m not in MERGER_GRAPHS]
+        if bad:
+            raise MiniCPMVEdgeError(f"unknown downsample mode(s) {', '.join(bad)} (choose from {', '.join(MERGER_GRAPHS)})")
+        return [MERGER_GRAPHS[m] for m in modes]
+    return ["vision", "vision_resampler"] if with_resampler else ["vision"]
+
+
+def _merger_mode(graph: str) -> str:
+    return next(m for m, g in MERGER_GRAPHS.items() if g == graph)
+
+
+def _build_module(ckpt: Checkpoint | MergerCheckpoint, graph: str) -> SliceVisionModel | MergerSliceModel:
     if graph not in GRAPHS:
         raise MiniCPMVEdgeError(f"unknown vision graph {graph!r} (choose from {', '.join(GRAPHS)})")
+    if (graph in MERGER_GRAPHS.values()) != isinstance(ckpt, MergerCheckpoint):
+        raise MiniCPMVEdgeError(f"{ckpt.root}: graph {graph!r} does not fit this checkpoint "
+                                f"(its graphs: {', '.join(vision_graphs(ckpt, True))})")
+    if isinstance(ckpt, MergerCheckpoint):
+        return MergerSliceModel(ckpt, _merger_mode(graph))
     tower = VisionTower.from_checkpoint(ckpt)
     resampler = Resampler.from_checkpoint(ckpt) if graph == "vision_resampler" else None
     return SliceVisionModel(tower, resampler).eval()
 
 
-def _torch_export(module: SliceVisionModel, graph: str, example: tuple[int, int] = (32, 40)):
-    """torch.export -> ONNX ModelProto (opset 18) with dynamic h, w."""
+def _module_cfg(module: SliceVisionModel | MergerSliceModel):
+    return module.cfg if isinstance(module, MergerSliceModel) else module.tower.cfg
+
+
+def _torch_export(module: SliceVisionModel | MergerSliceModel, graph: str, example: tuple[int, int] = (32, 40)):
+    """torch.export -> ONNX ModelProto (opset 18) with dynamic h, w (multiples of the merge side for 4.6)."""
     import warnings
 
-    p = module.tower.cfg.patch_size
+    p = _module_cfg(module).patch_size
+    side = module.side if isinstance(module, MergerSliceModel) else 1
     h, w = example
     px = torch.zeros(1, 3, p * h, p * w)
     ids = torch.zeros(h, w, dtype=torch.int64)
-    dh = torch.export.Dim("h", min=1, max=4096)
-    dw = torch.export.Dim("w", min=1, max=4096)
+    dh = torch.export.Dim("h", min=1, max=4096 // side)
+    dw = torch.export.Dim("w", min=1, max=4096 // side)
+    ph, pw = (dh, dw) if side == 1 else (side * dh, side * dw)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(
             module, (px, ids), dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
             input_names=[IO.PIXEL_VALUES.value, IO.POSITION_IDS.value], output_names=[GRAPHS[graph].value],
-            dynamic_shapes={"pixel_values": {2: p * dh, 3: p * dw}, "position_ids": {0: dh, 1: dw}})
+            dynamic_shapes={"pixel_values": {2: p * ph, 3: p * pw}, "position_ids": {0: ph, 1: pw}})
     model = prog.model_proto
     _name_dims(model)
     return model
+
+
+GRAPH_METADATA_KEY = "minicpmv_edge.graph"   # ONNX metadata_props entry naming the GRAPHS entry of a file
+
+
+def _stamp_graph(model, graph: str) -> None:
+    kept = [p for p in model.metadata_props if p.key != GRAPH_METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = GRAPH_METADATA_KEY, graph
 
 
 def _name_dims(model) -> None:
@@ -295,6 +354,8 @@ def _name_dims(model) -> None:
     for vi in model.graph.output:
         if vi.name == IO.PATCH_FEATURES.value:
             set_dims(vi, (None, "n_patches", None))
+        elif vi.name == IO.IMAGE_EMBEDS.value:
+            set_dims(vi, (None, "n_tokens", None))
 
 
 FUSIONS = ("full", "no_attention", "none")
@@ -329,11 +390,12 @@ def _fusion_level(fuse: bool | str) -> str:
     return level
 
 
-def export_onnx(source: Checkpoint | str | Path | SliceVisionModel, out_path: str | Path, *, graph: str = "vision",
-                fuse: bool | str = True, external: bool | None = None) -> OnnxArtifact:
-    """Export the fp32 graph of one slice (`graph="vision"` or `"vision_resampler"`) to `out_path`.
+def export_onnx(source: Checkpoint | MergerCheckpoint | str | Path | SliceVisionModel, out_path: str | Path, *,
+                graph: str = "vision", fuse: bool | str = True, external: bool | None = None) -> OnnxArtifact:
+    """Export the fp32 graph of one slice (`graph` one of GRAPHS) to `out_path`.
 
-    source: a checkpoint (folder or `Checkpoint`), or a ready `SliceVisionModel` (bench: random weights).
+    source: a checkpoint (folder, `Checkpoint` or 4.6 `MergerCheckpoint`), or a ready `SliceVisionModel`
+    (bench: random weights).
     fuse: True / "full" (ORT CPU kernels incl. Attention), "no_attention" (the base int8 recipes quantize),
     False / "none" (standard ONNX ops only, for runtimes other than onnxruntime)."""
     t0 = time.perf_counter()
@@ -344,11 +406,11 @@ def export_onnx(source: Checkpoint | str | Path | SliceVisionModel, out_path: st
             raise MiniCPMVEdgeError(f"graph {graph!r} does not match the module (resampler: "
                                     f"{module.resampler is not None})")
     else:
-        ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source)
-        module = _build_module(ckpt, graph)
-    cfg = module.tower.cfg
+        module = _build_module(open_vision_checkpoint(source), graph)
+    cfg = _module_cfg(module)
     model = _torch_export(module, graph)
     model = _fuse(model, cfg.num_attention_heads, cfg.hidden_size, level)
+    _stamp_graph(model, graph)
     counts = op_counts(model)
     files = save_onnx(model, out_path, external=external)
     return OnnxArtifact(Path(out_path), graph, "fp32", files, counts, _fused(counts),
@@ -366,7 +428,7 @@ def convert_fp16(src: str | Path, out_path: str | Path, *, keep_fp32: Sequence[s
     model = OnnxModel(onnx.load(str(src)))
     model.convert_float_to_float16(keep_io_types=True, op_block_list=list(keep_fp32) or None)
     counts = op_counts(model.model)
-    graph = graph_of_outputs(o.name for o in model.model.graph.output)
+    graph = graph_of(model.model)
     files = save_onnx(model.model, out_path, external=external)
     return OnnxArtifact(Path(out_path), graph, "fp16", files, counts, _fused(counts), tuple(keep_fp32),
                         seconds=time.perf_counter() - t0,
@@ -374,14 +436,15 @@ def convert_fp16(src: str | Path, out_path: str | Path, *, keep_fp32: Sequence[s
                                "kept_fp32_ops": list(keep_fp32), "io": "float32 pixels/outputs, int64 ids"})
 
 
-def export_vision_onnx(ckpt: Checkpoint | str | Path, out_dir: str | Path, name: str | None = None, *,
-                       precisions: Iterable[str] = PRECISIONS, with_resampler: bool = False,
-                       fuse: bool | str = True,
+def export_vision_onnx(ckpt: Checkpoint | MergerCheckpoint | str | Path, out_dir: str | Path, name: str | None = None,
+                       *, precisions: Iterable[str] = PRECISIONS, with_resampler: bool = False,
+                       fuse: bool | str = True, downsample_modes: Iterable[str] | None = None,
                        ) -> list[OnnxArtifact]:
     """Every ONNX vision file for a checkpoint: `vision-<name>-<precision>.onnx` for each precision, and
-    `vision-resampler-<name>-<precision>.onnx` too when `with_resampler`. fp32 is always written first (fp16
-    is converted from it) but is removed again if not asked for."""
-    ckpt = ckpt if isinstance(ckpt, Checkpoint) else Checkpoint.open(ckpt)
+    `vision-resampler-<name>-<precision>.onnx` too when `with_resampler`; for a 4.6 checkpoint
+    `vision-merger-<mode>-<name>-<precision>.onnx` per downsample mode (default: all). fp32 is always written
+    first (fp16 is converted from it) but is removed again if not asked for."""
+    ckpt = open_vision_checkpoint(ckpt)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = name or ckpt.root.name
@@ -391,7 +454,7 @@ def export_vision_onnx(ckpt: Checkpoint | str | Path, out_dir: str | Path, name:
         raise MiniCPMVEdgeError(f"unknown ONNX precision(s) {', '.join(bad)} (choose from {', '.join(PRECISIONS)}; "
                                 f"int8 recipes live in minicpmv_edge.quantize.onnx_int8)")
     out: list[OnnxArtifact] = []
-    for graph in (["vision", "vision_resampler"] if with_resampler else ["vision"]):
+    for graph in vision_graphs(ckpt, with_resampler, downsample_modes):
         fp32 = export_onnx(ckpt, out_dir / onnx_file_name(name, "fp32", graph), graph=graph, fuse=fuse)
         made = {"fp32": fp32}
         if "fp16" in precisions:
@@ -407,15 +470,17 @@ def export_vision_onnx(ckpt: Checkpoint | str | Path, out_dir: str | Path, name:
 # Running and measuring (tests, bench, bundle parity)
 # =============================================================================================
 
-def slice_feed(pixels: np.ndarray, patch_size: int = 14, num_patches_per_side: int = 70) -> dict[str, np.ndarray]:
-    """The ONNX input dict for one normalised slice [3, H, W] (e.g. `Slice.pixels`)."""
-    from minicpmv_edge.runtime.preprocess import position_bucket_ids
+def slice_feed(pixels: np.ndarray, patch_size: int = 14, num_patches_per_side: int = 70,
+               position_rule: str = "bucketize") -> dict[str, np.ndarray]:
+    """The ONNX input dict for one normalised slice [3, H, W] (e.g. `Slice.pixels`); `position_rule` is
+    `facts.vision_position_ids`."""
+    from minicpmv_edge.runtime.preprocess import vision_position_ids
 
     _, hh, ww = pixels.shape
     if hh % patch_size or ww % patch_size:
         raise ValueError(f"slice {hh}x{ww} is not a multiple of the patch size {patch_size}")
     h, w = hh // patch_size, ww // patch_size
-    ids = position_bucket_ids(h, w, num_patches_per_side).reshape(h, w)
+    ids = vision_position_ids(h, w, num_patches_per_side, position_rule).reshape(h, w)
     return {IO.PIXEL_VALUES.value: np.ascontiguousarray(pixels[None], dtype=np.float32),
             IO.POSITION_IDS.value: ids}
 
@@ -479,14 +544,55 @@ def reference_output(tower: VisionTower, resampler: Resampler | None, pixels: np
     return resampler([feats], [(px.shape[1] // p, px.shape[2] // p)])[0].numpy()   # [Q, D]
 
 
-def parity(model_path: str | Path, ckpt: Checkpoint, grids: Sequence[tuple[int, int]] = EXPORT_PARITY_GRIDS, *,
-           seed: int = 0, backend: Any = None, modules: tuple[VisionTower, Resampler] | None = None
-           ) -> dict[str, Any]:
+def graph_of(model) -> str:
+    """The GRAPHS name of an ONNX ModelProto or onnxruntime session: its GRAPH_METADATA_KEY stamp, else (files
+    written before the stamp existed) told apart by the output name."""
+    if hasattr(model, "get_modelmeta"):
+        stamp = model.get_modelmeta().custom_metadata_map.get(GRAPH_METADATA_KEY)
+        outputs = model.get_outputs()
+    else:
+        stamp = next((p.value for p in model.metadata_props if p.key == GRAPH_METADATA_KEY), None)
+        outputs = model.graph.output
+    if stamp in GRAPHS:
+        return stamp
+    return graph_of_outputs(o.name for o in outputs)
+
+
+def _merger_parity(model_path, ckpt: MergerCheckpoint, grids, seed: int, session) -> dict[str, Any]:
+    sess = session if session is not None else ort_session(model_path)
+    graph = graph_of(sess)
+    if graph not in MERGER_GRAPHS.values():
+        raise MiniCPMVEdgeError(f"{model_path}: not a 4.6 merger graph ({graph})")
+    mode = _merger_mode(graph)
+    ref = MergerSliceModel(ckpt, mode)
+    cfg, rule = ckpt.vision, ckpt.facts.vision_position_ids
+    rows = []
+    for h, w in grids:
+        px = random_slice(h, w, cfg.patch_size, seed)
+        feed = slice_feed(px, cfg.patch_size, cfg.num_patches_per_side, rule)
+        got = sess.run(None, feed)[0][0].astype(np.float32)
+        with torch.no_grad():
+            want = ref(torch.from_numpy(feed[IO.PIXEL_VALUES.value]), torch.from_numpy(feed[IO.POSITION_IDS.value]))
+        want = want[0].numpy()
+        cos = cosine_rows(got, want)
+        rows.append(ParityGrid(grid=[h, w], min_cosine=float(cos.min()), mean_cosine=float(cos.mean()),
+                               max_abs=float(np.abs(got - want).max())))
+    return Parity(reference="torch (export/merger_tower.py)", graph=MERGER_GRAPHS[mode], grids=rows,
+                  min_cosine=min(r.min_cosine for r in rows),
+                  mean_cosine=float(np.mean([r.mean_cosine for r in rows]))).to_dict()
+
+
+def parity(model_path: str | Path, ckpt: Checkpoint | MergerCheckpoint,
+           grids: Sequence[tuple[int, int]] = EXPORT_PARITY_GRIDS, *, seed: int = 0, backend: Any = None,
+           modules: tuple[VisionTower, Resampler] | None = None) -> dict[str, Any]:
     """Run an ONNX vision graph through the runtime's own backend (runtime/vision.py's OnnxVision, or `backend`)
     and the torch reference on random slices of each grid; per-row cosine.
 
     Returns {"reference": "torch", "grids": [{"grid": [h, w], "min_cosine", "mean_cosine", "max_abs"}...],
-    "min_cosine": worst row over all grids, "mean_cosine"}."""
+    "min_cosine": worst row over all grids, "mean_cosine"}. A 4.6 merger graph runs in its own ORT session (the
+    runtime has no 4.6 vision backend yet); its grids are snapped to the merge side (`merger_parity_grids`)."""
+    if isinstance(ckpt, MergerCheckpoint):
+        return _merger_parity(model_path, ckpt, grids, seed, backend)
     from minicpmv_edge.runtime.preprocess import Slice
     from minicpmv_edge.runtime.vision import OnnxVision
 

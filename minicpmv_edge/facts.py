@@ -142,6 +142,21 @@ class ModelFacts:
     supported: bool = True            # end to end: export (LLM + vision) and runtime
     checkpoint_supported: bool = True  # the checkpoint reader, synth and the LLM GGUF export handle it
     unverified: tuple[str, ...] = ()  # field names not confirmed from a public source
+    # --- vision side, MiniCPM-V 4.6 and later (merger instead of resampler; docs/minicpmv-4.6-vision.md)
+    vision_position_ids: str = "bucketize"   # NaViT ids: "bucketize" (arange(0, 1-1e-6, 1/n)) or "nearest" (arange(n)/n)
+    # downsample mode -> patches merged per side by the vision graph (tokens per slice = h*w / side^2; slice
+    # sides are multiples of patch_size * side). Empty: a fixed query_num per slice (the resampler).
+    downsample_modes: tuple[tuple[str, int], ...] = ()
+    default_downsample_mode: str | None = None
+
+    def downsample_side(self, mode: str | None = None) -> int:
+        """Patches merged per side in downsample `mode` (None: the default mode). ValueError names the modes."""
+        modes = dict(self.downsample_modes)
+        mode = mode or self.default_downsample_mode
+        if mode not in modes:
+            raise ValueError(f"MiniCPM-V {self.version}: downsample mode {mode!r} is not one of "
+                             f"{sorted(modes) or 'none (this version has a resampler)'}")
+        return modes[mode]
 
     @property
     def special_tokens(self) -> Mapping[str, str]:
@@ -325,6 +340,12 @@ _V46 = replace(
     # chat template: the hub jinja was not retrieved; ours follows the Qwen3.5-0.8B family template (thinking
     # off unless asked) and the prompt the AXERA port renders. video: owned by the vision half.
     unverified=("chat_template", "video", "query_num"),
+    # vision side [transformers 5.23 models/minicpmv4_6, vision_utils.get_vision_nearest_position_ids;
+    # llama.cpp clip.cpp PROJECTOR_TYPE_MINICPMV4_6]: the ViT window merger (after insert_layer_id) and the
+    # final merger each merge 2x2 patches; "4x" skips the window merger.
+    vision_position_ids="nearest",
+    downsample_modes=(("16x", 4), ("4x", 2)),
+    default_downsample_mode="16x",
 )
 
 MODEL_FACTS: Mapping[str, ModelFacts] = MappingProxyType({f.version: f for f in (_V26, _V40, _V45, _V46)})

@@ -15,7 +15,10 @@ Two families, both on the Linear layers of the tower (the MatMuls whose B input 
 A recipe also names the roles kept in fp32 (`keep_fp32`): `qkv`, `attn_out`, `fc1`, `fc2` (tower
 Linears, found by weight shape and producer, see `matmul_roles`) and `resampler` (every MatMul after the
 tower in the vision+resampler graph; kept fp32 by every recipe: one layer, and its output goes straight
-into the LLM). Activation x activation MatMuls (q k^T, p v) are never quantized.
+into the LLM) and `merger` (MiniCPM-V 4.6 graphs: a weight MatMul of a non-tower shape; kept fp32 by every
+recipe for the same reason. The 4.6 merger MLPs export as Gemm nodes, which no recipe quantizes anyway; the
+role stops such a MatMul from being read as the start of a resampler, which would leave later tower layers fp32).
+Activation x activation MatMuls (q k^T, p v) are never quantized.
 
 Which recipe ships as `DEFAULT_RECIPE` and why is decided by `bench/bench_vision.py` (its table lives in
 bench/results/); random weights are harsher on int8 than trained ones, so those cosines are a floor.
@@ -33,13 +36,13 @@ from typing import Iterable, Sequence
 
 from minicpmv_edge.errors import MiniCPMVEdgeError
 from minicpmv_edge.export.checkpoint import Checkpoint
-from minicpmv_edge.runtime.bundle import graph_of_outputs
-from minicpmv_edge.export.onnx_vision import OnnxArtifact, export_onnx, onnx_file_name, op_counts, save_onnx
+from minicpmv_edge.export.onnx_vision import (OnnxArtifact, export_onnx, graph_of, onnx_file_name, op_counts,
+                                              open_vision_checkpoint, save_onnx)
 
 __all__ = ["Int8Recipe", "RECIPES", "DEFAULT_RECIPE", "ROLES", "matmul_roles", "quantize_onnx",
            "quantize_vision_onnx", "recipe", "int8_file_name"]
 
-ROLES = ("qkv", "attn_out", "fc1", "fc2", "resampler")
+ROLES = ("qkv", "attn_out", "fc1", "fc2", "resampler", "merger")
 _QUANT_OPS = ("QAttention", "Attention", "MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul",
               "DynamicQuantizeLinear", "SkipLayerNormalization", "FastGelu")
 
@@ -53,7 +56,7 @@ class Int8Recipe:
     bits: int | None = None              # nbits: 8 or 4
     block_size: int | None = None        # nbits: input values per scale
     accuracy_level: int | None = None    # nbits: 4 = int8 activations per block, 0 = fp32 compute
-    keep_fp32: tuple[str, ...] = ("resampler",)
+    keep_fp32: tuple[str, ...] = ("resampler", "merger")
     note: str = ""
 
     @property
@@ -67,9 +70,9 @@ class Int8Recipe:
 RECIPES: dict[str, Int8Recipe] = {r.name: r for r in (
     Int8Recipe("dyn-pt", "dynamic", "full", note="quantize_dynamic, per-tensor, QAttention for q/k/v"),
     Int8Recipe("dyn-pc", "dynamic", "full", per_channel=True, note="quantize_dynamic, per-channel weights"),
-    Int8Recipe("dyn-pt-keep-fc2", "dynamic", "full", keep_fp32=("resampler", "fc2"),
+    Int8Recipe("dyn-pt-keep-fc2", "dynamic", "full", keep_fp32=("resampler", "merger", "fc2"),
                note="per-tensor, MLP down-projection (post-GELU input) left fp32"),
-    Int8Recipe("dyn-pt-keep-qkv", "dynamic", "full", keep_fp32=("resampler", "qkv"),
+    Int8Recipe("dyn-pt-keep-qkv", "dynamic", "full", keep_fp32=("resampler", "merger", "qkv"),
                note="per-tensor, fused attention left fp32"),
     Int8Recipe("w8-b32", "nbits", "no_attention", bits=8, block_size=32, accuracy_level=4),
     Int8Recipe("w8-b128", "nbits", "no_attention", bits=8, block_size=128, accuracy_level=4),
@@ -119,6 +122,8 @@ def _tower_dims(model) -> tuple[int, int]:
 def matmul_roles(model) -> dict[str, str]:
     """Node name -> role (see ROLES) for every weight MatMul / fused Attention of a vision graph."""
     c, i = _tower_dims(model)
+    # 4.6: merger MLPs sit between tower layers, so "not a tower shape" marks a merger MatMul, not the end
+    merger_graph = graph_of(model).startswith("vision_merger")
     inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
     producer = {out: n for n in model.graph.node for out in n.output}
     roles: dict[str, str] = {}
@@ -140,6 +145,8 @@ def matmul_roles(model) -> dict[str, str]:
             roles[n.name] = "qkv"
         elif not past_tower and shape == (c, c):
             roles[n.name] = "attn_out"
+        elif merger_graph:
+            roles[n.name] = "merger"
         else:                                       # first MatMul of another shape: the resampler begins
             past_tower = True
             roles[n.name] = "resampler"
@@ -150,8 +157,6 @@ def matmul_roles(model) -> dict[str, str]:
 # Quantizing
 # =============================================================================================
 
-def _graph_kind(model) -> str:
-    return graph_of_outputs(o.name for o in model.graph.output)
 
 
 def quantize_onnx(src: str | Path, out_path: str | Path, recipe_name: str | Int8Recipe = DEFAULT_RECIPE, *,
@@ -196,7 +201,7 @@ def quantize_onnx(src: str | Path, out_path: str | Path, recipe_name: str | Int8
     kernels = {k: v for k, v in counts.items() if k in _QUANT_OPS}
     quant = {"recipe": r.name, "method": r.method, "description": r.precision, "kept_fp32": list(r.keep_fp32),
              "base_fusion": r.base, "tool": "onnxruntime.quantization", "note": r.note}
-    return OnnxArtifact(out_path, _graph_kind(quantized), "int8" if r.name == DEFAULT_RECIPE else r.name, files,
+    return OnnxArtifact(out_path, graph_of(quantized), "int8" if r.name == DEFAULT_RECIPE else r.name, files,
                         counts, kernels, tuple(r.keep_fp32), time.perf_counter() - t0, quant)
 
 
@@ -212,7 +217,7 @@ def quantize_vision_onnx(ckpt: Checkpoint | str | Path, out_dir: str | Path, nam
     """Quantized vision files for a checkpoint (`vision-<name>-int8.onnx` for the default recipe). The fp32
     base graph each recipe needs is taken from `reuse` (fp32 artifacts of `export_vision_onnx`, matched by
     graph and fusion level) or exported into a temporary folder inside `out_dir`."""
-    ckpt = ckpt if isinstance(ckpt, Checkpoint) else Checkpoint.open(ckpt)
+    ckpt = open_vision_checkpoint(ckpt)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = name or ckpt.root.name

@@ -59,6 +59,9 @@ class FileKind:
     VISION_ONNX = "vision_onnx"
     VISION_RESAMPLER_ONNX = "vision_resampler_onnx"
     VISION_COREML = "vision_coreml"
+    # MiniCPM-V 4.6: tower + window merger + merger in one graph, one per downsample mode (no resampler)
+    VISION_MERGER_16X_ONNX = "vision_merger_16x_onnx"
+    VISION_MERGER_4X_ONNX = "vision_merger_4x_onnx"
     RESAMPLER_WEIGHTS = "resampler_weights"
     TOKENIZER = "tokenizer"
 
@@ -80,12 +83,17 @@ FILE_KINDS: dict[str, KindInfo] = {
     FileKind.VISION_RESAMPLER_ONNX: KindInfo("vision-resampler-{name}-{precision}.onnx", "vision_resampler",
                                              "image_embeds"),
     FileKind.VISION_COREML: KindInfo("vision-{name}-{precision}.mlpackage", "vision", "patch_features"),
+    FileKind.VISION_MERGER_16X_ONNX: KindInfo("vision-merger-16x-{name}-{precision}.onnx", "vision_merger_16x",
+                                              "image_embeds"),
+    FileKind.VISION_MERGER_4X_ONNX: KindInfo("vision-merger-4x-{name}-{precision}.onnx", "vision_merger_4x",
+                                             "image_embeds"),
     FileKind.RESAMPLER_WEIGHTS: KindInfo("resampler-{name}-{precision}.mvr"),
     FileKind.TOKENIZER: KindInfo("tokenizer.json"),
 }
 KINDS = tuple(FILE_KINDS)
 VISION_KINDS = (FileKind.VISION_ONNX, FileKind.VISION_RESAMPLER_ONNX, FileKind.VISION_COREML)
-ONNX_VISION_KINDS = (FileKind.VISION_ONNX, FileKind.VISION_RESAMPLER_ONNX)
+ONNX_VISION_KINDS = (FileKind.VISION_ONNX, FileKind.VISION_RESAMPLER_ONNX, FileKind.VISION_MERGER_16X_ONNX,
+                     FileKind.VISION_MERGER_4X_ONNX)
 
 
 def file_name(kind: str, name: str, precision: str | None = None) -> str:
@@ -94,13 +102,20 @@ def file_name(kind: str, name: str, precision: str | None = None) -> str:
 
 
 def graph_of_outputs(output_names) -> str:
-    """"vision_resampler" when a vision graph ends in the resampler's output, else "vision"."""
+    """"vision_resampler" when a 2.6-4.5 vision graph ends in the resampler's output, else "vision". (4.6's merger
+    graphs end in the same output name: they carry their graph name in the ONNX metadata, see
+    export/onnx_vision.graph_of.)"""
     fused = FILE_KINDS[FileKind.VISION_RESAMPLER_ONNX]
     return fused.graph if fused.graph_output in set(output_names) else "vision"
 
 
 def kind_of_graph(graph: str) -> str:
-    return FileKind.VISION_RESAMPLER_ONNX if graph == "vision_resampler" else FileKind.VISION_ONNX
+    """The ONNX file kind that holds vision graph `graph` ("vision", "vision_resampler", "vision_merger_16x", ...)."""
+    for kind in ONNX_VISION_KINDS:
+        if FILE_KINDS[kind].graph == graph:
+            return kind
+    raise MiniCPMVEdgeError(f"unknown vision graph {graph!r} (choose from "
+                            f"{', '.join(FILE_KINDS[k].graph for k in ONNX_VISION_KINDS)})")
 
 
 # what a session prefers when the caller does not say (smallest good-quality choices first)

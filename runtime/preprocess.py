@@ -30,8 +30,9 @@ from PIL import Image, ImageOps
 __all__ = [
     "DEFAULT_MAX_PIXELS", "SLICINGS", "Slice", "PreprocessedImage",
     "ensure_divide", "find_best_resize", "get_refine_size", "get_sliced_grid", "split_to_patches",
-    "slice_image", "get_sliced_grid_v46", "slice_image_v46",
-    "normalize", "reshape_by_patch", "position_bucket_ids", "preprocess_image",
+    "slice_image", "get_sliced_grid_v46", "slice_image_v46", "downsample_side",
+    "normalize", "reshape_by_patch", "position_bucket_ids", "position_nearest_ids", "POSITION_ID_RULES",
+    "vision_position_ids", "preprocess_image",
 ]
 
 # Pillow refuses to open files above 2 * Image.MAX_IMAGE_PIXELS (its default DecompressionBombError
@@ -142,7 +143,12 @@ def slice_image(img: Image.Image, max_slice_nums: int, scale_resolution: int = 4
 
 # --------------------------------------------------------------------------- MiniCPM-V 4.6 variant
 
-_V46_MERGE = {"4x": 2, "16x": 4}
+def downsample_side(downsample_mode: str) -> int:
+    """Patches merged per side in a 4.6-style `downsample_mode` ("16x": 4, "4x": 2), from the facts table."""
+    from minicpmv_edge.facts import MODEL_FACTS
+
+    facts = next(f for f in MODEL_FACTS.values() if f.slicing == "llava_uhd_v46")
+    return facts.downsample_side(downsample_mode)
 
 
 def get_sliced_grid_v46(image_size: tuple[int, int], max_slice_nums: int,
@@ -172,11 +178,11 @@ def slice_image_v46(img: Image.Image, max_slice_nums: int, scale_resolution: int
                     downsample_mode: str = "16x"
                     ) -> tuple[Image.Image, list[list[Image.Image]], tuple[int, int] | None]:
     """transformers MiniCPM-V 4.6 slicing: as `slice_image`, but sides are multiples of
-    `patch_size * merge` (merge 4 for "16x", 2 for "4x": the ViT's token mergers) and the v46 grid rule."""
-    if downsample_mode not in _V46_MERGE:
-        raise ValueError(f"downsample_mode must be one of {sorted(_V46_MERGE)}, got {downsample_mode!r}")
+    `patch_size * merge` (merge 4 for "16x", 2 for "4x": the vision graph's 2x2 token mergers, so 56 / 28 px
+    at patch 14, as `MiniCPMV4_6ImageProcessorPil.find_best_resize`'s merge_factor) and the v46 grid rule."""
+    merge = downsample_side(downsample_mode)
     grid = get_sliced_grid_v46(img.size, max_slice_nums, scale_resolution)
-    source, patches = _slice(img, grid, scale_resolution, patch_size * _V46_MERGE[downsample_mode])
+    source, patches = _slice(img, grid, scale_resolution, patch_size * merge)
     return source, patches, grid
 
 
@@ -265,6 +271,33 @@ def position_bucket_ids(h: int, w: int, num_patches_per_side: int = 70, *, step_
     return (bh[:, None] * num_patches_per_side + bw[None, :]).reshape(-1).astype(np.int64)
 
 
+def position_nearest_ids(h: int, w: int, num_patches_per_side: int = 70) -> np.ndarray:
+    """MiniCPM-V 4.6 position ids (transformers `vision_utils.get_vision_nearest_position_ids`), int64 (h*w,).
+
+    `bucketize(arange(n) / n, arange(1/70, 1, 1/70), right=True)`: the coordinates i/n are float32 divisions
+    of exact integers (correctly rounded, so no arange quirk), the bucket edges are the same float32
+    `torch.arange` as `position_bucket_ids`. Differs from the legacy rule for some n (e.g. n = 25).
+    """
+    if h < 1 or w < 1:
+        raise ValueError(f"slice must have at least one patch per side, got {h}x{w}")
+    edges = _boundaries(num_patches_per_side, TORCH_CPU_FLOAT_LANES)
+
+    def buckets(n: int) -> np.ndarray:
+        return np.searchsorted(edges, np.arange(n, dtype=np.float32) / np.float32(n), side="right")
+
+    return (buckets(h)[:, None] * num_patches_per_side + buckets(w)[None, :]).reshape(-1).astype(np.int64)
+
+
+POSITION_ID_RULES = {"bucketize": position_bucket_ids, "nearest": position_nearest_ids}
+
+
+def vision_position_ids(h: int, w: int, num_patches_per_side: int = 70, rule: str = "bucketize") -> np.ndarray:
+    """Position ids of one h x w slice under `rule` (`facts.vision_position_ids`)."""
+    if rule not in POSITION_ID_RULES:
+        raise ValueError(f"unknown position-id rule {rule!r}; expected one of {sorted(POSITION_ID_RULES)}")
+    return POSITION_ID_RULES[rule](h, w, num_patches_per_side)
+
+
 # --------------------------------------------------------------------------- whole image
 
 @dataclass
@@ -275,9 +308,9 @@ class Slice:
     role: Role                         # "source" or (row, col)
     image: Image.Image | None = field(default=None, repr=False, compare=False)  # resized uint8 RGB
 
-    def position_ids(self, num_patches_per_side: int = 70) -> np.ndarray:
-        """`position_bucket_ids` for this slice."""
-        return position_bucket_ids(*self.tgt_size, num_patches_per_side)
+    def position_ids(self, num_patches_per_side: int = 70, rule: str = "bucketize") -> np.ndarray:
+        """`vision_position_ids` for this slice (`rule` is `facts.vision_position_ids`)."""
+        return vision_position_ids(*self.tgt_size, num_patches_per_side, rule)
 
 
 @dataclass
@@ -291,6 +324,10 @@ class PreprocessedImage:
     def tgt_sizes(self) -> np.ndarray:
         """[n_slices, 2] int64 (h, w) in patches, like HF's `tgt_sizes`."""
         return np.array([s.tgt_size for s in self.slices], dtype=np.int64).reshape(-1, 2)
+
+    def slice_tokens(self, merge_side: int) -> list[int]:
+        """LLM tokens per slice when the vision graph merges `merge_side` x `merge_side` patches (4.6 mergers)."""
+        return [h * w // (merge_side * merge_side) for h, w in (s.tgt_size for s in self.slices)]
 
 
 def _check_size(img: Image.Image, max_pixels: int | None) -> None:

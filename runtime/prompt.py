@@ -104,20 +104,26 @@ def check_chat_template(fmt: PromptFormat) -> None:
 
 
 def image_placeholder(grid: tuple[int, int] | None, image_index: int, *, use_image_id: bool, query_num: int,
-                      tokens: Mapping[str, str]) -> str:
+                      tokens: Mapping[str, str], slice_tokens: Sequence[int] | None = None) -> str:
     """HF `get_slice_image_placeholder` (docs/model.md §6.1): `[<image_id>i</image_id>]<image>` + pad*query_num +
     `</image>`, then, if sliced, `rows` lines of `cols` x `<slice>` + pad*query_num + `</slice>` joined by "\\n".
 
     `tokens` is `facts.special_tokens` (roles image_start, image_end, slice_start, slice_end,
-    image_id_start, image_id_end, image_pad).
+    image_id_start, image_id_end, image_pad). `slice_tokens` (4.6, `PreprocessedImage.slice_tokens`): the pad
+    count of each slice, overview first, instead of `query_num` for all (transformers
+    `MiniCPMV4_6Processor.replace_image_token`).
     """
-    pad = tokens["image_pad"] * query_num
+    n_slices = 1 + (grid[0] * grid[1] if grid is not None else 0)
+    counts = [query_num] * n_slices if slice_tokens is None else [int(n) for n in slice_tokens]
+    if len(counts) != n_slices:
+        raise ValueError(f"{len(counts)} slice token counts for an image of {n_slices} slices (grid {grid})")
+    pad = tokens["image_pad"]
     text = f"{tokens['image_id_start']}{image_index}{tokens['image_id_end']}" if use_image_id else ""
-    text += tokens["image_start"] + pad + tokens["image_end"]
+    text += tokens["image_start"] + pad * counts[0] + tokens["image_end"]
     if grid is not None:
         cols, rows = grid
-        row = (tokens["slice_start"] + pad + tokens["slice_end"]) * cols
-        text += "\n".join([row] * rows)
+        cells = [tokens["slice_start"] + pad * n + tokens["slice_end"] for n in counts[1:]]
+        text += "\n".join("".join(cells[r * cols:(r + 1) * cols]) for r in range(rows))
     return text
 
 

@@ -20,15 +20,15 @@ import numpy as np
 
 from minicpmv_edge.errors import MiniCPMVEdgeError
 
-from .preprocess import Slice, position_bucket_ids
+from .preprocess import Slice
 
 
 class VisionIO(str, Enum):
     """Input/output names of every vision graph (ONNX and CoreML)."""
     PIXEL_VALUES = "pixel_values"      # float32 [1, 3, 14*h, 14*w], a normalised slice
-    POSITION_IDS = "position_ids"      # int64 [h, w], NaViT bucket ids (preprocess.position_bucket_ids)
+    POSITION_IDS = "position_ids"      # int64 [h, w], NaViT ids (preprocess.vision_position_ids, facts' rule)
     PATCH_FEATURES = "patch_features"  # float32 [1, h*w, C], after post_layernorm
-    IMAGE_EMBEDS = "image_embeds"      # float32 [1, Q, D], when the graph includes the resampler
+    IMAGE_EMBEDS = "image_embeds"      # float32 [1, Q, D]: with the resampler, or 4.6's mergers ([1, h*w/16, D])
 
 
 class VisionBackend(Protocol):
@@ -38,15 +38,16 @@ class VisionBackend(Protocol):
         """[h*w, C] patch features of one slice."""
 
 
-def slice_inputs(s: Slice, num_patches_per_side: int = 70) -> dict[str, np.ndarray]:
+def slice_inputs(s: Slice, num_patches_per_side: int = 70, position_rule: str = "bucketize") -> dict[str, np.ndarray]:
+    """Graph inputs of one slice; `position_rule` is `facts.vision_position_ids` ("nearest" for 4.6)."""
     h, w = s.tgt_size
     return {VisionIO.PIXEL_VALUES.value: np.ascontiguousarray(s.pixels[None], dtype=np.float32),
-            VisionIO.POSITION_IDS.value: position_bucket_ids(h, w, num_patches_per_side).reshape(h, w)}
+            VisionIO.POSITION_IDS.value: s.position_ids(num_patches_per_side, position_rule).reshape(h, w)}
 
 
 class OnnxVision:
     def __init__(self, path: str | Path, *, threads: int | None = None, providers: list[str] | None = None,
-                 num_patches_per_side: int = 70):
+                 num_patches_per_side: int = 70, position_rule: str = "bucketize"):
         import onnxruntime as ort
 
         path = Path(path)
@@ -73,10 +74,11 @@ class OnnxVision:
             raise MiniCPMVEdgeError(f"{path}: expected inputs {sorted(need)}, the graph has {sorted(inputs)}")
         self.output = self.session.get_outputs()[0].name
         self.n_side = num_patches_per_side
+        self.position_rule = position_rule
         self.name = f"onnxruntime:{path.name}"
 
     def encode(self, s: Slice) -> np.ndarray:
-        out = self.session.run([self.output], slice_inputs(s, self.n_side))[0]
+        out = self.session.run([self.output], slice_inputs(s, self.n_side, self.position_rule))[0]
         return out.reshape(-1, out.shape[-1])
 
 

@@ -44,3 +44,16 @@ def tiny_bundle(tiny_checkpoint, tmp_path_factory) -> Callable[[str], Path]:
         return made[version]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def v46_reference(tmp_path_factory):
+    """(transformers MiniCPMV4_6ForConditionalGeneration, its save_pretrained folder): a small random 4.6,
+    the independent reference of the 4.6 vision tests (tests/v46_reference.py). Read-only."""
+    pytest.importorskip("transformers.models.minicpmv4_6")
+    from v46_reference import build_model
+
+    model = build_model(seed=0)
+    folder = tmp_path_factory.mktemp("v46-ckpt")
+    model.save_pretrained(folder)
+    return model, folder

@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 
 from minicpmv_edge.facts import MODEL_FACTS
 from minicpmv_edge.runtime import preprocess as pp
+from minicpmv_edge.runtime import prompt
 
 torch = pytest.importorskip("torch")
 v46 = pytest.importorskip("transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6")
@@ -187,20 +188,74 @@ def test_grid_tie_break_rules_agree():
     assert not differ
 
 
+def _v46_reference_placeholder(out, image_idx: int, divisor: int, tokens) -> str:
+    """transformers `MiniCPMV4_6Processor.replace_image_token` and `_prepend_local_ids` (image 0 of a sample),
+    called on a stand-in holding only the token strings: the processor itself needs a tokenizer and torchvision."""
+    from types import SimpleNamespace
+
+    from transformers.models.minicpmv4_6.processing_minicpmv4_6 import MiniCPMV4_6Processor
+
+    me = SimpleNamespace(image_start_token=tokens["image_start"], image_end_token=tokens["image_end"],
+                         slice_start_token=tokens["slice_start"], slice_end_token=tokens["slice_end"],
+                         image_id_start_token=tokens["image_id_start"], image_id_end_token=tokens["image_id_end"],
+                         image_token=tokens["image_pad"], slice_mode=True)
+    text = MiniCPMV4_6Processor.replace_image_token(me, out, image_idx=image_idx, image_token_divisor=divisor)
+    return MiniCPMV4_6Processor._prepend_local_ids(me, [tokens["image_pad"]], [text], tokens["image_pad"])[0]
+
+
+def _v46_reference_layout(ref, size, m: int, mode: str) -> dict:
+    """The reference's grid and target sizes from its own geometry methods (what its `_preprocess` does with
+    them, minus the pixel work), in the shape `replace_image_token` reads."""
+    width, height = size
+    grid = ref.get_sliced_grid((height, width), m, S)
+    sh, sw = ref.find_best_resize((height, width), S, 14, mode, allow_upscale=grid is None)
+    sizes = [[sh // 14, sw // 14]]
+    if grid is not None:
+        rh, rw = ref.get_refine_size((height, width), grid, S, 14, mode, allow_upscale=True)
+        sizes += [[rh // grid[0] // 14, rw // grid[1] // 14]] * (grid[0] * grid[1])
+    return {"grids": [grid or [0, 0]], "num_patches_per_image": [len(sizes)],
+            "target_sizes": np.array(sizes, dtype=np.int32)}
+
+
 def test_v46_branch_matches_transformers(ref):
-    n = 0
-    for size in _sizes()[::9]:
-        img = _noise(*size, seed=3)
+    """4.6 slicing, target sizes and `<|image_pad|>` placeholders against the transformers 4.6 image processor
+    and processor in both downsample modes ("16x": sides multiple of 56 px, "4x": of 28 px, as the reference's
+    merge_factor) over every size of `_sizes()`; the full pixel pipeline on every 9th size."""
+    facts = MODEL_FACTS["4.6"]
+    tokens = facts.special_tokens
+    assert tokens["image_pad"] == "<|image_pad|>"
+    n_geom = n_pixel = 0
+    for i, size in enumerate(_sizes()):
+        img = _noise(*size, seed=3) if i % 9 == 0 else None
         for mode in ("16x", "4x"):
+            side = facts.downsample_side(mode)
             for m in (1, 4, 9):
-                ours = pp.preprocess_image(img, max_slice_nums=m, slicing="llava_uhd_v46", downsample_mode=mode)
-                out = ref(images=[img], max_slice_nums=m, downsample_mode=mode)
+                if i % 9 == 0:                                   # both whole pipelines, pixels compared
+                    ours = pp.preprocess_image(img, max_slice_nums=m, slicing="llava_uhd_v46", downsample_mode=mode)
+                    out = ref(images=[img], max_slice_nums=m, downsample_mode=mode)
+                    pv = np.concatenate([pp.reshape_by_patch(s.pixels) for s in ours.slices], axis=-1)
+                    assert np.array_equal(pv, out["pixel_values"][0]), (size, m, mode)
+                    n_pixel += 1
+                    grid, tgt = ours.grid, ours.tgt_sizes
+                else:                                            # geometry only (no resizing: fast)
+                    out = _v46_reference_layout(ref, size, m, mode)
+                    grid = pp.get_sliced_grid_v46(size, m)
+                    align = 14 * side
+                    src = pp.find_best_resize(size, S, align, allow_upscale=grid is None)
+                    tgt = [(src[1] // 14, src[0] // 14)]
+                    if grid is not None:
+                        rw, rh = pp.get_refine_size(size, grid, S, align, allow_upscale=True)
+                        tgt += [(rh // grid[1] // 14, rw // grid[0] // 14)] * (grid[0] * grid[1])
+                    tgt = np.array(tgt, dtype=np.int64)
                 g = out["grids"][0]
-                assert ours.grid == (None if g == [0, 0] else (g[1], g[0])), (size, m, mode)
-                np.testing.assert_array_equal(out["target_sizes"], ours.tgt_sizes)
-                pv = np.concatenate([pp.reshape_by_patch(s.pixels) for s in ours.slices], axis=-1)
-                assert np.array_equal(pv, out["pixel_values"][0]), (size, m, mode)
-                n += 1
+                assert grid == (None if list(g) == [0, 0] else (g[1], g[0])), (size, m, mode)
+                np.testing.assert_array_equal(out["target_sizes"], tgt)
+                assert all(h % side == 0 and w % side == 0 for h, w in tgt.tolist()), (size, m, mode)
+                counts = [h * w // (side * side) for h, w in tgt.tolist()]
+                ph = prompt.image_placeholder(grid, 0, use_image_id=True, query_num=0, tokens=tokens,
+                                          slice_tokens=counts)
+                assert ph == _v46_reference_placeholder(out, 0, side * side, tokens), (size, m, mode)
+                n_geom += 1
     rgba = np.array(_noise(500, 700, seed=5).convert("RGBA"))
     rgba[::3, :, 3] = 0
     rgba[1::3, :, 3] = 100
@@ -209,7 +264,25 @@ def test_v46_branch_matches_transformers(ref):
     out = ref(images=[img])
     assert np.array_equal(np.concatenate([pp.reshape_by_patch(s.pixels) for s in ours.slices], -1),
                           out["pixel_values"][0])
-    print(f"\n[a] llava_uhd_v46 vs transformers 4.6 processor: {n + 1} full-pipeline cases identical")
+    with pytest.raises(ValueError, match="downsample mode '8x'"):
+        pp.preprocess_image(img, slicing="llava_uhd_v46", downsample_mode="8x")
+    print(f"\n[a] llava_uhd_v46 vs transformers 4.6 processor: {n_geom} (size, mode, max_slice_nums) cases with "
+          f"equal grid, target sizes and placeholder text; {n_pixel + 1} with identical pixel_values")
+    assert n_geom > 1300 and n_pixel > 100
+
+
+def test_v46_placeholder_counts():
+    """1000x700 at 9 slices in both modes: the counts the issue states (patches/16, patches/4 per slice)."""
+    tokens = MODEL_FACTS["4.6"].special_tokens
+    for mode, div in (("16x", 16), ("4x", 4)):
+        r = pp.preprocess_image(_noise(1000, 700), slicing="llava_uhd_v46", downsample_mode=mode)
+        counts = r.slice_tokens(MODEL_FACTS["4.6"].downsample_side(mode))
+        assert counts == [h * w // div for h, w in r.tgt_sizes.tolist()]
+        text = prompt.image_placeholder(r.grid, 2, use_image_id=True, query_num=0, tokens=tokens, slice_tokens=counts)
+        assert text.startswith("<image_id>2</image_id><image>") and text.count("<|image_pad|>") == sum(counts)
+        assert text.count("\n") == r.grid[1] - 1 and text.count("<slice>") == r.grid[0] * r.grid[1]
+    with pytest.raises(ValueError, match="slice token counts"):
+        prompt.image_placeholder((2, 2), 0, use_image_id=False, query_num=0, tokens=tokens, slice_tokens=[4, 4])
 
 
 def test_reshape_by_patch_matches_reference(ref):
@@ -267,6 +340,24 @@ def test_position_ids_large_and_not_floor():
     print(f"\n[b] HF bucket ids differ from floor(70*i/nb) for nb in {floor_differs}")
     assert 25 in floor_differs and 32 not in floor_differs
     assert pp.position_bucket_ids(25, 1)[5] == 13 * 70  # floor would give 14
+
+
+def test_v46_nearest_position_ids_match_transformers():
+    """4.6 position ids against transformers' own `get_vision_nearest_position_ids`, one call per slice."""
+    from transformers.vision_utils import get_vision_nearest_position_ids
+
+    sizes = [(h, w) for h in range(1, 101) for w in (1, 2, 3, 5, 7, 8, 25, 32, 49, 64, 77, 100)]
+    sizes += [(n, 1) for n in list(range(101, 400)) + [449, 512, 700, 1000, 2024]]
+    for h, w in sizes:
+        want = get_vision_nearest_position_ids(torch.tensor([[h, w]], dtype=torch.int32), 70).numpy()
+        got = pp.vision_position_ids(h, w, 70, MODEL_FACTS["4.6"].vision_position_ids)
+        assert got.dtype == np.int64 and np.array_equal(got, want), (h, w)
+    differ = [n for n in range(1, 101) if not np.array_equal(pp.position_nearest_ids(n, 1), pp.position_bucket_ids(n, 1))]
+    print(f"\n[b] 4.6 nearest ids identical to transformers for {len(sizes)} (h, w); they differ from the legacy "
+          f"bucket ids for n in {differ}")
+    assert differ, "the two rules should differ somewhere, else the 4.6 rule is not exercised"
+    with pytest.raises(ValueError, match="position-id rule"):
+        pp.vision_position_ids(2, 2, 70, "floor")
 
 
 # ------------------------------------------------------------------------------------------------ (c)
