@@ -225,7 +225,7 @@ def test_mmproj_layout_matches_llama_cpp_expectations(ckpt, mode, tmp_path):
 def test_mmproj_llama_cpp_clip_matches_onnx(ckpt, onnx_files, tiny_checkpoint, tmp_path):
     """Our ONNX embeddings vs llama.cpp's clip on our minicpmv4_6 mmproj, unsliced 448x448 image (no resize in
     either, and the 32x32 grid has the same position ids in llama.cpp (floor(70 i / n)) and 4.6 (nearest))."""
-    from minicpmv_edge.demo import demo_image
+    from minicpmv_edge.workflows.demo import demo_image
     from minicpmv_edge.export.checkpoint import Checkpoint
     from minicpmv_edge.export.gguf_llm import write_llm_gguf
     from minicpmv_edge.export.gguf_mmproj import write_mmproj_gguf
