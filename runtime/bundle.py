@@ -126,7 +126,8 @@ class Bundle:
 
 
 def load(bundle: str | Path, *, llm: str | None = None, vision: str | None = None, resampler: str = "auto",
-         threads: int | None = None, n_ctx: int = 4096, exact: bool = False, image_cache_size: int = 32):
+         threads: int | None = None, n_ctx: int = 4096, exact: bool = False, image_cache_size: int = 32,
+         eval_callback=None):
     """Load a bundle into a ready `MiniCPMV`. `llm`/`vision` pick a precision (default: the first of
     LLM_PREFERENCE / VISION_PREFERENCE present); `resampler` is "auto", "native" or "numpy"."""
     from .decoder import Decoder
@@ -150,7 +151,7 @@ def load(bundle: str | Path, *, llm: str | None = None, vision: str | None = Non
                            max_slice_nums=int(pre["max_slice_nums"]), mean=tuple(pre["norm_mean"]),
                            std=tuple(pre["norm_std"]), slicing=pre["slicing"],
                            num_patches_per_side=int(pre.get("num_patches_per_side", 70)))
-    decoder = Decoder(llm_file, n_ctx=n_ctx, threads=threads, exact=exact)
+    decoder = Decoder(llm_file, n_ctx=n_ctx, threads=threads, exact=exact, eval_callback=eval_callback)
     try:
         vis = OnnxVision(vis_file, threads=threads, num_patches_per_side=cfg.num_patches_per_side)
         res = load_resampler(res_file, backend=resampler, threads=threads or 2,
