@@ -21,6 +21,7 @@ import argparse
 import csv
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,7 @@ class SweepFiles:
     cache: str
     log: str
     threads: int
+    keep_quantized: bool = True    # False: a cell deletes its quantized LLM when done (disk-bound big sweeps)
 
     def llm(self, qtype: str, imatrix: str = "none") -> Path:
         """The cell's LLM file, quantized here if no one made it yet (a unique temporary name, then an atomic
@@ -122,7 +124,7 @@ class SweepFiles:
 
 
 def _prepare(ckpt, out: Path, llm_types, vision_types, imatrix_modes, threads: int, progress: bool,
-             calib_slices: int) -> SweepFiles:
+             calib_slices: int, keep_quantized: bool = True) -> SweepFiles:
     """F16 LLM, vision models, resampler weights and the importance matrices, into `<out>/files`."""
     from minicpmv_edge.export.gguf_llm import write_llm_gguf
     from minicpmv_edge.export.resampler_weights import write_resampler_weights
@@ -135,17 +137,20 @@ def _prepare(ckpt, out: Path, llm_types, vision_types, imatrix_modes, threads: i
     f16 = d / ladder_name(cid, "F16")
     if not f16.exists():
         write_llm_gguf(ckpt, f16, "F16")
-    vision = {}
-    for v in dict.fromkeys(["fp32", *vision_types]):
-        path = d / f"vision-{cid}-{v}.onnx"
-        if not path.exists():
-            if v in ("fp32", "fp16"):
-                from minicpmv_edge.export.onnx_vision import export_vision_onnx
-                export_vision_onnx(ckpt, d, cid, precisions=[v])
-            else:
-                from minicpmv_edge.quantize.onnx_int8 import quantize_vision_onnx
-                quantize_vision_onnx(ckpt, d, cid, recipes=[v])
-        vision[v] = str(path)
+    vision = {v: d / f"vision-{cid}-{v}.onnx" for v in dict.fromkeys(["fp32", *vision_types])}
+    floats = [v for v, p in vision.items() if v in ("fp32", "fp16") and not p.exists()]
+    if floats:
+        # exported next door, then moved in: the exporter removes an fp32 it was not asked for
+        from minicpmv_edge.export.onnx_vision import export_vision_onnx
+        with tempfile.TemporaryDirectory(dir=d) as tmp:
+            export_vision_onnx(ckpt, tmp, cid, precisions=floats)
+            for f in Path(tmp).iterdir():
+                os.replace(f, d / f.name)
+    for v, p in vision.items():
+        if not p.exists():
+            from minicpmv_edge.quantize.onnx_int8 import quantize_vision_onnx
+            quantize_vision_onnx(ckpt, d, cid, recipes=[v])
+    vision = {v: str(p) for v, p in vision.items()}
     res = d / f"resampler-{cid}-f32.mvr"
     if not res.exists():
         write_resampler_weights(ckpt, res, "f32")
@@ -165,7 +170,7 @@ def _prepare(ckpt, out: Path, llm_types, vision_types, imatrix_modes, threads: i
             im.save(path)
         imatrix[mode] = str(path)
     return SweepFiles(str(ckpt.root), cid, str(d), str(f16), vision, str(res), imatrix, str(out / "cache"),
-                      str(out / "results.jsonl"), threads)
+                      str(out / "results.jsonl"), threads, keep_quantized)
 
 
 def _prompts() -> list:
@@ -243,6 +248,8 @@ def run_cell(spec: CellSpec, files: SweepFiles, baselines: dict[int, tuple[list,
             raise MiniCPMVEdgeError(f"unknown measure {spec.measure!r} (choose {', '.join(MEASURES)})")
     finally:
         m.close()
+        if not files.keep_quantized and spec.llm not in FLOAT_LLM:
+            llm.unlink(missing_ok=True)
     row.update(key=spec.key, seconds=time.perf_counter() - t0)
     ResultLog(files.log).append(row)
     return row
@@ -275,7 +282,8 @@ def plan_cells(llm_types, vision_types, slices, imatrix_modes=("none",), measure
 def run_sweep(checkpoint: str | Path, out: str | Path, *, llm_types=DEFAULT_LLM, vision_types=DEFAULT_VISION,
               slices=DEFAULT_SLICES, imatrix_modes=("none",), measures=MEASURES, mmproj_types=DEFAULT_MMPROJ,
               executor: str = "local", ray_address: str | None = None, ray_init: dict[str, Any] | None = None,
-              threads: int = 2, calib_slices: int = 1, progress: bool = True) -> list[dict[str, Any]]:
+              threads: int = 2, calib_slices: int = 1, keep_quantized: bool = True,
+              progress: bool = True) -> list[dict[str, Any]]:
     from minicpmv_edge.export.checkpoint import Checkpoint
     from minicpmv_edge.quantize.sweep_exec import EXECUTORS, ResultLog, run_local, run_ray
 
@@ -287,7 +295,8 @@ def run_sweep(checkpoint: str | Path, out: str | Path, *, llm_types=DEFAULT_LLM,
     ckpt = Checkpoint.open(checkpoint)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = _prepare(ckpt, out, llm_types, vision_types, imatrix_modes, threads, progress, calib_slices)
+    files = _prepare(ckpt, out, llm_types, vision_types, imatrix_modes, threads, progress, calib_slices,
+                     keep_quantized)
     log = ResultLog(files.log)
     done = {r.get("key") for r in log.rows()}
     cells = [c for c in plan_cells(llm_types, vision_types, slices, imatrix_modes, measures) if c.key not in done]
@@ -442,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
                     "'cluster' extra; --out must be on a filesystem every node sees)")
     ap.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="threads per cell")
+    ap.add_argument("--discard-quantized", action="store_true",
+                    help="delete each quantized LLM once its cell is measured (saves disk on big models; a later "
+                         "cell that needs the same file quantizes it again)")
     args = ap.parse_args(argv)
     try:
         slices = [int(s) for s in args.slices.split(",") if s]
@@ -454,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
                      imatrix_modes=[t.lower() for t in _list(args.imatrix, "imatrix")],
                      measures=[t.lower() for t in _list(args.measure, "measure")],
                      mmproj_types=[t.upper() for t in _list(args.mmproj, "mmproj")], executor=args.executor,
-                     ray_address=args.ray_address, threads=args.threads, calib_slices=args.calib_slices)
+                     ray_address=args.ray_address, threads=args.threads, calib_slices=args.calib_slices,
+                     keep_quantized=not args.discard_quantized)
     print("| LLM | imatrix | vision | slices | size MiB | bpw | KLD (synthetic) | top-1 | emb cos | TTFT ms 448×448 | "
           "TTFT ms 1000×700 (slices) | tok/s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
