@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 TYPES = "Q2_K,Q3_K_M,IQ4_XS,Q4_K_M,F16"
@@ -38,9 +39,35 @@ def main() -> int:
         if not (ckpt / "config.json").is_file():
             synthesize_mid(ckpt)
     from minicpmv_edge.quantize.sweep import main as sweep
-    return sweep([str(ckpt), "--out", str(args.out / "sweep"), "--llm", TYPES, "--vision", "fp32", "--slices", "1",
-                  "--imatrix", "none,text,image", "--measure", "quality", "--mmproj", "F16,Q8_0,Q6_K",
-                  "--discard-quantized", "--threads", str(args.threads)])
+    rc = sweep([str(ckpt), "--out", str(args.out / "sweep"), "--llm", TYPES, "--vision", "fp32", "--slices", "1",
+                "--imatrix", "none,text,image", "--measure", "quality", "--mmproj", "F16,Q8_0,Q6_K",
+                "--discard-quantized", "--threads", str(args.threads)])
+    plot(json.loads((args.out / "sweep" / "sweep.json").read_text())["rows"], args.out / "imatrix.png")
+    print(f"wrote {args.out / 'imatrix.png'}")
+    return rc
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Mean KLD and top-1 per type, one bar per imatrix mode (the sweep's own plot is size vs KLD)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    types = [t for t in TYPES.split(",") if t != "F16"]
+    modes = (("none", "no imatrix"), ("text", "text-only imatrix"), ("image", "image+text imatrix"))
+    by = {(r["llm"], r["imatrix"]): r for r in rows}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, col, label in ((axes[0], "kld_mean", "mean KLD vs F16 (log)"), (axes[1], "top1", "top-1 vs F16")):
+        for k, (mode, name) in enumerate(modes):
+            xs = [i + (k - 1) * 0.27 for i in range(len(types))]
+            ax.bar(xs, [by[(t, mode)][col] if (t, mode) in by else 0 for t in types], width=0.27, label=name)
+        ax.set_xticks(range(len(types)), types)
+        ax.set(ylabel=label)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("synthetic weights: the ordering is the finding")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
