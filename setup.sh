@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything in ./.venv: the runtime (llama-cpp-python, onnxruntime, ...), the export extra
-# (torch CPU build, transformers, onnx, coremltools), the test tools, and our native core.
+# (torch CPU build, transformers, onnx, coremltools), the cluster extra (Ray, for `sweep --executor ray`), the
+# test tools, and our native core.
 # Safe to re-run; a second run takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -50,5 +51,5 @@ fi
 
 # Our package, editable, with its native core built by CMake through scikit-build-core.
 "${PIP[@]}" "scikit-build-core>=0.10"
-"${PIP[@]}" --no-build-isolation -e '.[export,video,serve,dev]'
+"${PIP[@]}" --no-build-isolation -e '.[export,video,serve,cluster,dev]'
 echo "setup: done ($(.venv/bin/minicpmv-edge --version))"

@@ -86,7 +86,7 @@ _V46_VIT_NAMES = {
 }
 _V46_LAYER_NAMES = dict(_VIT_LAYER_NAMES, **{"mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"})
 _V46_MERGER_NAMES = {"mlp.0.pre_norm": "mm.input_norm", "mlp.0.linear_1": "mm.up", "mlp.0.linear_2": "mm.down"}
-MMPROJ_TYPES = ("F32", "F16", "Q8_0")
+MMPROJ_TYPES = ("F32", "F16", "Q8_0", "Q6_K")
 
 
 def mmproj_tensors(ckpt: Checkpoint) -> list[tuple[str, Callable[[], np.ndarray]]]:
@@ -161,10 +161,14 @@ def merger_mmproj_tensors(ckpt: MergerCheckpoint, downsample_mode: str
 
 def _stored_type(name: str, data: np.ndarray, out_type: str) -> gguf.GGMLQuantizationType:
     """What clip.cpp expects: 1-D tensors, the query and the sincos table f32; the patch conv at least f16
-    (ggml's im2col path); Q8_0 only where rows are a multiple of its 32-element block."""
+    (ggml's im2col path); Q8_0 only where rows are a multiple of its 32-element block, Q6_K of 256."""
     if data.ndim < 2 or name in (_RESAMPLER_NAMES["query"], POS_EMBED_K) or out_type == "F32":
         return gguf.GGMLQuantizationType.F32
-    if out_type == "Q8_0" and data.ndim == 2 and data.shape[-1] % 32 == 0 and name != "v.position_embd.weight":
+    quantizable = data.ndim == 2 and name != "v.position_embd.weight"
+    if out_type == "Q6_K" and quantizable and data.shape[-1] % 256 == 0:
+        return gguf.GGMLQuantizationType.Q6_K
+    # Q6_K falls back to Q8_0 where rows are not whole 256-value blocks (SigLIP's 1152-wide rows)
+    if out_type in ("Q8_0", "Q6_K") and quantizable and data.shape[-1] % 32 == 0:
         return gguf.GGMLQuantizationType.Q8_0
     return gguf.GGMLQuantizationType.F16
 
@@ -194,7 +198,7 @@ def write_mmproj_gguf(ckpt: Checkpoint | MergerCheckpoint, out: str | Path, out_
     try:
         w.add_bool("clip.has_text_encoder", False)
         w.add_bool(gguf.Keys.Clip.HAS_VISION_ENCODER, True)
-        w.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7}[out_type])
+        w.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7, "Q6_K": 18}[out_type])
         w.add_name(f"MiniCPM-V-{facts.version} vision")
         w.add_description("image encoder for MiniCPM-V")
         w.add_string(gguf.Keys.Clip.PROJECTOR_TYPE, facts.mmproj_projector_type)
@@ -225,6 +229,9 @@ def write_mmproj_gguf(ckpt: Checkpoint | MergerCheckpoint, out: str | Path, out_
                 w.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
             elif qtype == gguf.GGMLQuantizationType.F16:
                 w.add_tensor(name, np.ascontiguousarray(data, dtype=np.float16))
+            elif qtype == gguf.GGMLQuantizationType.Q6_K:   # gguf-py has no K-quant encoder: ggml's own
+                from minicpmv_edge.quantize.ggml_lib import quantize_rows
+                w.add_tensor(name, quantize_rows(data, int(qtype)), raw_dtype=qtype)
             else:
                 w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
             if on_tensor:

@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
     "chat": ("minicpmv_edge.runtime.cli:chat_main", "interactive chat with a bundle", None),
     "serve": ("minicpmv_edge.runtime.cli:serve_main", "OpenAI-compatible local HTTP server", "serve"),
     "bench": ("minicpmv_edge.workflows.benchmark", "TTFT stages and decode speed vs llama.cpp's own path", None),
+    "imatrix": ("minicpmv_edge.workflows.imatrix", "importance matrix from image+text prompts, for the quantizer",
+                None),
     "sweep": ("minicpmv_edge.workflows.sweep", "quantization size sweep: size, KLD, top-1, TTFT per cell", "export"),
     "demo": ("minicpmv_edge.workflows.demo", "synthesize a tiny model, export it, ask about a generated image", "export"),
 }

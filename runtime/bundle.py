@@ -33,7 +33,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
-from minicpmv_edge.errors import BundleError
+from minicpmv_edge.errors import BundleError, MiniCPMVEdgeError
 from minicpmv_edge.facts import (MAX_SLICE_NUMS, MODEL_FACTS, SLICING_VARIANTS, SPECIAL_TOKEN_ROLES, SUPPORTED_VERSIONS,
                                 ModelFacts)
 
@@ -797,11 +797,13 @@ def runnable_vision_kinds() -> list[str]:
 
 def load(bundle: str | Path | Bundle, *, llm: str | None = None, vision: str | None = None,
          vision_kind: str | None = None, resampler: str = "auto", threads: int | None = None, n_ctx: int = 4096,
-         exact: bool = False, image_cache_size: int = 32, verify: bool = True, hashes: HashCache | None = None):
+         exact: bool = False, image_cache_size: int = 32, verify: bool = True, hashes: HashCache | None = None,
+         eval_callback=None):
     """Load a bundle into a ready `MiniCPMV`. `llm`/`vision` pick a precision (default: the first of
     LLM_PREFERENCE / VISION_PREFERENCE present); `vision_kind` a vision file kind (default: the first of
     VISION_BACKENDS the bundle has and this machine runs); `resampler` is "auto", "native" or "numpy".
-    With `verify` (the default) every file loaded is checked against its sha256 first (cached, see HashCache)."""
+    With `verify` (the default) every file loaded is checked against its sha256 first (cached, see HashCache).
+    `eval_callback`: llama.cpp's graph callback for the decoder (quantize/imatrix.py collects statistics with it)."""
     from .decoder import Decoder
     from .resampler import load_resampler
     from .session import MiniCPMV
@@ -828,7 +830,7 @@ def load(bundle: str | Path | Bundle, *, llm: str | None = None, vision: str | N
     if hashes is not None:
         hashes.save()
     cfg = m.preprocess.config()
-    decoder = Decoder(llm_file, n_ctx=n_ctx, threads=threads, exact=exact)
+    decoder = Decoder(llm_file, n_ctx=n_ctx, threads=threads, exact=exact, eval_callback=eval_callback)
     try:
         vis = backend.make(vis_file, threads, cfg)
         res = ResamplerInGraph(m.model.resampler.embed_dim) if res_file is None else \

@@ -101,9 +101,11 @@ class Decoder:
     """One llama.cpp model + context (one sequence). Not thread-safe: callers serialise requests."""
 
     def __init__(self, gguf_path: str | Path, *, n_ctx: int = 4096, n_batch: int = 512, threads: int | None = None,
-                 exact: bool = False):
+                 exact: bool = False, eval_callback=None):
         """exact=True keeps the KV cache in f32 and disables flash attention, so logits match a float32
-        reference to ~1e-6 (the defaults round K/V to f16: ~1e-3)."""
+        reference to ~1e-6 (the defaults round K/V to f16: ~1e-3). `eval_callback` (a
+        `llama_cpp.ggml_backend_sched_eval_callback`, kept referenced by the caller) sees every graph tensor:
+        the importance-matrix collector (quantize/imatrix.py) reads matmul inputs through it."""
         import llama_cpp
 
         self._lc = llama_cpp
@@ -124,6 +126,9 @@ class Decoder:
         if exact:
             cparams.type_k = cparams.type_v = GGML_TYPE_F32
             cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        if eval_callback is not None:
+            cparams.cb_eval = eval_callback
+            cparams.cb_eval_user_data = None
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
@@ -231,7 +236,7 @@ class Decoder:
 
     # ----- prefill / decode
     def _decode_batch(self, *, tokens: Sequence[int] | None = None, rows: np.ndarray | None = None,
-                      want_logits: bool) -> None:
+                      want_logits: bool, all_outputs: bool = False) -> None:
         lc = self._lc
         n = len(tokens) if tokens is not None else rows.shape[0]
         p0 = len(self._keys)
@@ -254,7 +259,7 @@ class Decoder:
                 batch.pos[i] = p0 + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
-                batch.logits[i] = want_logits and i == n - 1
+                batch.logits[i] = all_outputs or (want_logits and i == n - 1)
             for j in range(1, n_pos // n):      # (p, p, p, 0), as llama.cpp expands text positions
                 for i in range(n):
                     batch.pos[j * n + i] = p0 + i if j < 3 else 0
@@ -265,10 +270,11 @@ class Decoder:
         finally:
             lc.llama_batch_free(batch)
 
-    def prefill(self, segments: Sequence[Segment]) -> np.ndarray:
+    def prefill(self, segments: Sequence[Segment], *, all_outputs: bool = False) -> np.ndarray:
         """Bring the KV cache to exactly `segments` (reusing the longest common prefix already cached) and
         return the logits for the next token. Returns the number of positions actually computed in
-        `self.last_prefill_positions`."""
+        `self.last_prefill_positions`. `all_outputs` computes every position through the last layer (llama.cpp
+        otherwise drops all rows but the last before it), as importance-matrix calibration needs."""
         keys = [k for seg in segments for k in self._segment_keys(seg)]
         if not keys:
             raise MiniCPMVEdgeError("empty prompt")
@@ -302,23 +308,29 @@ class Decoder:
                     self._snapshot()
                 part_keys = keys[lo:hi]
                 if isinstance(seg, Embeddings):
-                    self._decode_rows(seg.rows[lo - start:hi - start], part_keys, want_logits=hi == len(keys))
+                    self._decode_rows(seg.rows[lo - start:hi - start], part_keys, want_logits=hi == len(keys),
+                                      all_outputs=all_outputs)
                 else:
-                    self._decode_tokens(list(seg)[lo - start:hi - start], part_keys, want_logits=hi == len(keys))
+                    self._decode_tokens(list(seg)[lo - start:hi - start], part_keys, want_logits=hi == len(keys),
+                                        all_outputs=all_outputs)
             if self.recurrent and end < last:
                 self._snapshot()
         return self.logits()
 
-    def _decode_rows(self, rows: np.ndarray, keys: list[tuple], *, want_logits: bool) -> None:
+    def _decode_rows(self, rows: np.ndarray, keys: list[tuple], *, want_logits: bool, all_outputs: bool = False
+                     ) -> None:
         for i in range(0, rows.shape[0], self.n_batch):
             part = rows[i:i + self.n_batch]
-            self._decode_batch(rows=part, want_logits=want_logits and i + len(part) == len(rows))
+            self._decode_batch(rows=part, want_logits=want_logits and i + len(part) == len(rows),
+                               all_outputs=all_outputs)
             self._keys.extend(keys[i:i + len(part)])
 
-    def _decode_tokens(self, toks: list[int], keys: list[tuple], *, want_logits: bool) -> None:
+    def _decode_tokens(self, toks: list[int], keys: list[tuple], *, want_logits: bool, all_outputs: bool = False
+                       ) -> None:
         for i in range(0, len(toks), self.n_batch):
             part = toks[i:i + self.n_batch]
-            self._decode_batch(tokens=part, want_logits=want_logits and i + len(part) == len(toks))
+            self._decode_batch(tokens=part, want_logits=want_logits and i + len(part) == len(toks),
+                               all_outputs=all_outputs)
             self._keys.extend(keys[i:i + len(part)])
 
     def logits(self) -> np.ndarray:

@@ -68,10 +68,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types:
                       mmproj_types: list[str] | None = None, vision_types: list[str] | None = None,
                       resampler_types: list[str] | None = None, coreml_types: list[str] | None = None,
                       fused_vision: bool = False, name: str | None = None, threads: int | None = None,
-                      progress: bool = False, bundle: bool = True) -> ExportResult:
+                      progress: bool = False, bundle: bool = True, imatrix: str | Path | None = None
+                      ) -> ExportResult:
     """`fused_vision` also writes the vision+resampler ONNX graph (fp32) that the runtime can run instead of
-    vision + resampler weights."""
-    from minicpmv_edge.quantize.gguf_ladder import LADDER, llama_ftype, quantize_gguf
+    vision + resampler weights. `imatrix`: an importance-matrix GGUF (`minicpmv-edge imatrix`) for every
+    quantized LLM type."""
+    from minicpmv_edge.quantize.gguf_ladder import LADDER, RECIPES, llama_ftype, quantize_gguf
 
     ckpt = Checkpoint.open(checkpoint)
     out_dir = Path(out_dir)
@@ -86,6 +88,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types:
         from minicpmv_edge.quantize.coreml_compress import variant_name
         coreml_types = [variant_name(t) for t in coreml_types]   # likewise for CoreML variants
     result = ExportResult()
+    if imatrix is not None:
+        from minicpmv_edge.quantize.imatrix import Imatrix
+        imatrix = Imatrix.load(imatrix)   # read and checked once, before any work starts
 
     # Float files first; quantized ones are made from F16 (written even if not asked for, then removed).
     quant = [t for t in llm_types if t not in FLOAT_TYPES]
@@ -109,9 +114,13 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types:
         t0 = time.perf_counter()
         if progress:
             print(f"quantizing {name} -> {t}", flush=True)
-        report = quantize_gguf(llm_paths["F16"], out_dir / file_name(FileKind.LLM_GGUF, name, t), t, nthread=threads)
+        report = quantize_gguf(llm_paths["F16"], out_dir / file_name(FileKind.LLM_GGUF, name, t), t, nthread=threads,
+                               imatrix=imatrix)
         llm_paths[t] = report.path
         result.seconds[f"llm {t}"] = time.perf_counter() - t0
+        table = ", ".join(f"{k}×{v}" for k, v in sorted(report.tensor_types.items()))
+        result.notes.append(f"{t}: tensor types {table}" + (f"; importance matrix for {report.imatrix_entries} "
+                                                             f"weights" if report.imatrix_entries else ""))
         if report.fallback_types:
             fell = ", ".join(f"{k}×{v}" for k, v in sorted(report.fallback_types.items()))
             result.notes.append(f"{t}: llama.cpp used {fell} for tensors whose rows are not a multiple of "
@@ -154,7 +163,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types:
         from minicpmv_edge.export.resampler_weights import write_resampler_weights
         path = write_resampler_weights(ckpt, out_dir / file_name(FileKind.RESAMPLER_WEIGHTS, name, dtype), dtype)
         result.files.append(BundleFileSpec(path, FileKind.RESAMPLER_WEIGHTS, dtype))
-    unknown = [t for t in quant if t not in LADDER]
+    unknown = [t for t in quant if t not in LADDER and t not in RECIPES]
     if unknown:
         result.notes.append(f"types outside the tested ladder: {', '.join(unknown)}")
     if bundle:
@@ -186,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("checkpoint", type=Path, help="Hugging Face MiniCPM-V checkpoint folder")
     ap.add_argument("--out", type=Path, required=True, help="output folder")
     ap.add_argument("--llm", default=",".join(DEFAULT_LLM_TYPES),
-                    help="comma-separated LLM GGUF types: F32, F16, BF16 and llama.cpp quant types "
-                         "(Q2_K, Q3_K_M, Q4_0, Q4_K_S, Q4_K_M, IQ4_NL, Q5_K_M, Q6_K, Q8_0, ...); 'none' to skip")
+                    help="comma-separated LLM GGUF types: F32, F16, BF16, llama.cpp quant types "
+                         "(Q2_K, Q3_K_M, Q4_0, Q4_K_S, Q4_K_M, IQ4_NL, Q5_K_M, Q6_K, Q8_0, ...) and mixed recipes "
+                         "(Q2_K_HI, Q3_K_HI, Q4_K_HI); 'none' to skip")
     ap.add_argument("--mmproj", default="F16", help=f"mmproj types ({', '.join(MMPROJ_TYPES)}) or 'none'")
     ap.add_argument("--vision", default="fp32,fp16",
                     help="vision ONNX precisions: fp32, fp16, int8 (or an int8 recipe name); 'none' to skip")
@@ -200,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                          "the vision graph + resampler weights")
     ap.add_argument("--name", help="file name stem (default: the checkpoint folder's name)")
     ap.add_argument("--threads", type=int, help="quantizer threads (default: all cores)")
+    ap.add_argument("--imatrix", type=Path,
+                    help="importance matrix GGUF (from `minicpmv-edge imatrix`) for the quantized LLM types")
     args = ap.parse_args(argv)
     llm = [] if args.llm.lower() == "none" else parse_types(args.llm, None, "llm")
     mmproj = [] if args.mmproj.lower() == "none" else parse_types(args.mmproj, MMPROJ_TYPES, "mmproj")
@@ -210,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     res = export_checkpoint(args.checkpoint, args.out, llm_types=llm, mmproj_types=mmproj, vision_types=vision,
                             resampler_types=[r.lower() for r in resampler], coreml_types=coreml,
                             fused_vision=args.fused_vision, name=args.name,
-                            threads=args.threads,
+                            threads=args.threads, imatrix=args.imatrix,
                             progress=True)
     for f in res.files:
         path = Path(f.path)
