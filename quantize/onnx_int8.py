@@ -69,7 +69,7 @@ class Int8Recipe:
 # (AVX2, AVX-512F) it multiplies with vpmaddubsw, which adds each pair of u8*s8 products into a saturating
 # int16: 255*127*2 = 64770 clips at 32767. Per-channel weights put +-127 in every output column, so this
 # clipping cost the tiny 4.5 checkpoint's export parity 0.9995 -> 0.988 (first QAttention alone: 0.957) on
-# AMD EPYC Zen 3 (onnxruntime 1.32.0). 7-bit weights (|w| <= 63: 255*63*2 < 32767) cannot saturate on any CPU,
+# AMD EPYC Zen 3 (onnxruntime 1.32.0). 7-bit weights (|w| <= 64: 255*64*2 = 32640) cannot saturate on any CPU,
 # as onnxruntime's quantization docs advise for AVX2/AVX-512 without VNNI; a bundle does not know its CPU.
 _DYNAMIC_REDUCE_RANGE = True
 
@@ -92,6 +92,9 @@ RECIPES: dict[str, Int8Recipe] = {r.name: r for r in (
 # 128) ran 1.50x at >= 0.99972. dyn-pc also quantizes the shipped fused fp32 graph (no second export). Real
 # SigLIP weights have activation outliers that per-tensor activation scales handle worse than blocks: re-measure
 # both with real weights (`bench/bench_vision.py` on a real checkpoint) before trusting this choice.
+# That table predates 7-bit weights (_DYNAMIC_REDUCE_RANGE). Re-measured on 2 SigLIP-400M layers (32x32 slice,
+# 2 threads, same machine, timed round-robin, two runs): 8-bit 1.69-1.70x fp32 at cosine 0.99976, 7-bit 1.67-1.81x
+# at 0.99962 (same kernels), uint8 weights (exact u8u8 kernel) 1.57-1.58x at 0.99983.
 DEFAULT_RECIPE = "dyn-pc"
 
 
