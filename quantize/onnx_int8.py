@@ -7,7 +7,8 @@ Two families, both on the Linear layers of the tower (the MatMuls whose B input 
 
 * `dynamic` - `quantize_dynamic`: int8 weights (per tensor or per output channel), activations quantized
   to uint8 at run time per tensor (DynamicQuantizeLinear + MatMulInteger, or QAttention for the fused
-  attention). Fast, but the per-tensor activation scale is where the error comes from.
+  attention). Fast, but the per-tensor activation scale is where the error comes from. Weights are 7-bit
+  (`reduce_range`, see `_DYNAMIC_REDUCE_RANGE`): full 8-bit weights overflow ORT's AVX2 int8 GEMM.
 * `nbits` - `MatMulNBitsQuantizer`: weight-only, symmetric, per block of `block_size` input values, 8 or 4
   bits; `accuracy_level=4` lets the kernel quantize activations to int8 per block (int8 dot products),
   0 keeps fp32 compute (dequantize on the fly).
@@ -64,8 +65,17 @@ class Int8Recipe:
         """What the manifest records as the file's precision."""
         if self.method == "nbits":
             return f"int{self.bits}-weight-only(block {self.block_size}, accuracy_level {self.accuracy_level})"
-        return f"int8-dynamic({'per-channel' if self.per_channel else 'per-tensor'})"
+        return (f"int8-dynamic({'per-channel' if self.per_channel else 'per-tensor'}"
+                f"{', 7-bit weights' if _DYNAMIC_REDUCE_RANGE else ''})")
 
+
+# quantize_dynamic's int8 x uint8 MatMulInteger / QAttention run on MLAS's u8s8 GEMM. On x86 without VNNI
+# (AVX2, AVX-512F) it multiplies with vpmaddubsw, which adds each pair of u8*s8 products into a saturating
+# int16: 255*127*2 = 64770 clips at 32767. Per-channel weights put +-127 in every output column, so this
+# clipping cost the tiny 4.5 checkpoint's export parity 0.9995 -> 0.988 (first QAttention alone: 0.957) on
+# AMD EPYC Zen 3 (onnxruntime 1.32.0). 7-bit weights (|w| <= 64: 255*64*2 = 32640) cannot saturate on any CPU,
+# as onnxruntime's quantization docs advise for AVX2/AVX-512 without VNNI; a bundle does not know its CPU.
+_DYNAMIC_REDUCE_RANGE = True
 
 RECIPES: dict[str, Int8Recipe] = {r.name: r for r in (
     Int8Recipe("dyn-pt", "dynamic", "full", note="quantize_dynamic, per-tensor, QAttention for q/k/v"),
@@ -86,6 +96,9 @@ RECIPES: dict[str, Int8Recipe] = {r.name: r for r in (
 # 128) ran 1.50x at >= 0.99972. dyn-pc also quantizes the shipped fused fp32 graph (no second export). Real
 # SigLIP weights have activation outliers that per-tensor activation scales handle worse than blocks: re-measure
 # both with real weights (`bench/bench_vision.py` on a real checkpoint) before trusting this choice.
+# That table predates 7-bit weights (_DYNAMIC_REDUCE_RANGE). Re-measured on 2 SigLIP-400M layers (32x32 slice,
+# 2 threads, same machine, timed round-robin, two runs): 8-bit 1.69-1.70x fp32 at cosine 0.99976, 7-bit 1.67-1.81x
+# at 0.99962 (same kernels), uint8 weights (exact u8u8 kernel) 1.57-1.58x at 0.99983.
 DEFAULT_RECIPE = "dyn-pc"
 
 
@@ -183,6 +196,7 @@ def quantize_onnx(src: str | Path, out_path: str | Path, recipe_name: str | Int8
         with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
             tmp_out = Path(tmp) / out_path.name
             quantize_dynamic(src, tmp_out, weight_type=QuantType.QInt8, per_channel=r.per_channel,
+                             reduce_range=_DYNAMIC_REDUCE_RANGE,
                              nodes_to_quantize=include, op_types_to_quantize=["MatMul", "Attention"],
                              extra_options={"MatMulConstBOnly": True}, use_external_data_format=True)
             quantized = onnx.load(str(tmp_out))

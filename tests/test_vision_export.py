@@ -170,6 +170,14 @@ def test_int8_recipes_measured_and_recorded(ckpt45, tmp_path):
         assert art.precision == ("int8" if r.name == Q.DEFAULT_RECIPE else r.name)
         if r.method == "nbits":
             assert art.fused.get("MatMulNBits") == 6 * ckpt.vision.num_hidden_layers
+        else:   # 7-bit weights: u8 x s8 pair sums (255*64*2 = 32640) fit the int16 of ORT's AVX2 GEMM on every CPU
+            graph = onnx.load(str(art.path)).graph
+            inits = {t.name: t for t in graph.initializer}
+            weights = [onnx.numpy_helper.to_array(inits[node.input[1]]) for node in graph.node
+                       if node.op_type in ("MatMulInteger", "QAttention")]
+            assert len(weights) == n * len({"qkv", "attn_out", "fc1", "fc2"} - set(r.keep_fp32))
+            assert all(w.dtype == np.int8 for w in weights), r.name
+            assert max(int(np.abs(w.astype(np.int16)).max()) for w in weights) <= 64, r.name
     with pytest.raises(MiniCPMVEdgeError, match="fuse='no_attention'"):
         Q.quantize_onnx(bases["full"], tmp_path / "x.onnx", "w8-b128")
 
