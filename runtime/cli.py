@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -127,6 +128,14 @@ def serve_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--allow-local-files", action="store_true", help="accept local paths in image_url")
     ap.add_argument("--allow-remote-urls", action="store_true", help="fetch http(s) image URLs (allow-listed)")
     ap.add_argument("--allow-host", action="append", default=[], help="host allowed for remote image URLs")
+    ap.add_argument("--strict-model-name", action="store_true",
+                    help="answer 404 to a 'model' other than --name (default: any name is served)")
+    ap.add_argument("--api-key", default=os.environ.get("MINICPMV_EDGE_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' on every route but /health "
+                         "(default: $MINICPMV_EDGE_API_KEY; unset: no key)")
+    ap.add_argument("--cors-origin", action="append", default=[],
+                    help="browser origin allowed to call the server, e.g. http://localhost:3000 (repeatable; "
+                         "'*' for any; default: CORS off)")
     args = ap.parse_args(argv)
     try:
         import uvicorn
@@ -137,6 +146,8 @@ def serve_main(argv: list[str] | None = None) -> int:
     model = _load(args)
     name = args.name or model.bundle.manifest.get("name") or "minicpm-v"
     opts = ServerOptions(name=name, max_queue=args.max_queue, allow_local_files=args.allow_local_files,
-                         allow_remote_urls=args.allow_remote_urls, remote_allow_hosts=tuple(args.allow_host))
+                         allow_remote_urls=args.allow_remote_urls, remote_allow_hosts=tuple(args.allow_host),
+                         strict_model_name=args.strict_model_name, api_key=args.api_key or None,
+                         cors_origins=tuple(args.cors_origin))
     uvicorn.run(create_app(model, opts), host=args.host, port=args.port, log_level="warning")
     return 0

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Mapping, Sequence
@@ -33,7 +34,15 @@ def _raise(message: str):
 
 
 _ENV = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
+            sort_keys: bool = False) -> str:
+    """Plain JSON, as transformers' template environment renders `tojson` (jinja's own escapes <, > and &
+    for HTML, which would change the prompt the model was trained on)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 _ENV.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+_ENV.filters["tojson"] = _tojson
 
 
 @dataclass(frozen=True)
@@ -50,19 +59,27 @@ class PromptFormat:
 
 
 def render(fmt: PromptFormat, messages: Sequence[Mapping[str, Any]], *, enable_thinking: bool | None = None,
-           add_generation_prompt: bool = True) -> str:
-    """Messages whose content is already text (images as IMAGE_TAG) -> the templated prompt text."""
+           add_generation_prompt: bool = True, tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """Messages whose content is already text (images as IMAGE_TAG) -> the templated prompt text.
+    `tools` (OpenAI function specs) are passed as the template's `tools`; a template that does not show them
+    to the model is an error, never a silent drop."""
     extra: dict[str, Any] = {}
     if fmt.thinking:
         extra["enable_thinking"] = bool(enable_thinking)
     elif enable_thinking:
         raise PromptError("this model's chat template has no thinking mode")
+    if tools:
+        extra["tools"] = list(tools)
     try:
         template = _ENV.from_string(fmt.chat_template)
-        return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+        text = template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                bos_token=fmt.bos_token or "", eos_token=fmt.eos_token or "", **extra)
     except TemplateError as exc:
         raise PromptError(f"chat template error: {exc}") from None
+    if tools and not all(json.dumps(t["function"]["name"], ensure_ascii=False)[1:-1] in text for t in tools):
+        raise PromptError("this bundle's chat template does not render tools (re-export it with a tool-aware "
+                          "template, e.g. the 4.5 one)")
+    return text
 
 
 def image_text(grid: tuple[int, int] | None, index: int, fmt: PromptFormat, *, use_image_id: bool | None = None) -> str:

@@ -1,8 +1,9 @@
 """OpenAI-compatible local HTTP server for one loaded model (FastAPI + uvicorn).
 
     minicpmv-edge serve BUNDLE --port 8080
-    POST /v1/chat/completions   text + image_url parts (data: URLs; files / remote URLs only when enabled), SSE
-    GET  /v1/models             <name> and <name>-thinking (thinking on)
+    POST /v1/chat/completions   text + image_url parts (data: URLs; files / remote URLs only when enabled), SSE;
+                                structured output, logprobs, n, tools (runtime/openai_api.py); also /chat/completions
+    GET  /v1/models             <name> and <name>-thinking (thinking on); also /models
     POST /v1/describe           {"image", "preset_prompt" | "custom_prompt", "seed"} (WaveSpeed-style)
     GET  /health
 
@@ -14,6 +15,7 @@ error shape with a 4xx status, never a crash of the process.
 
 import asyncio
 import contextlib
+import hmac
 import ipaddress
 import json
 import queue
@@ -30,6 +32,8 @@ from minicpmv_edge.errors import MiniCPMVEdgeError
 
 from .decoder import ContextOverflowError
 from .images import ImageInputError, decode_data_url
+from .openai_api import ChoiceStream, FieldError, OpenAIOptions, choice_message, grammar_for, parse_openai_fields
+from .openai_api import usage as _usage_of
 from .session import ChatResult, MiniCPMV, StreamEvent
 
 PRESET_PROMPTS = {
@@ -48,12 +52,15 @@ class ServerOptions:
     max_body_bytes: int = 32 * 2 ** 20
     max_image_bytes: int = 20 * 2 ** 20
     max_images: int = 16
-    max_tokens_limit: int = 4096
+    max_tokens_limit: int | None = None    # None: up to what the context has left after the prompt
     allow_local_files: bool = False
     allow_remote_urls: bool = False
     remote_allow_hosts: tuple[str, ...] = ()
     remote_timeout_s: float = 10.0
     retry_after_s: int = 2
+    strict_model_name: bool = False        # False: any `model` is served by the one loaded model
+    api_key: str | None = None             # set: every route but /health needs "Authorization: Bearer <key>"
+    cors_origins: tuple[str, ...] = ()     # browser origins allowed to call (CORS is off when empty)
 
 
 class ApiError(Exception):
@@ -88,7 +95,7 @@ class ChatRequest:
     messages: list[dict[str, Any]]
     thinking: bool
     stream: bool
-    max_tokens: int
+    max_tokens: int | None                # None: to the end of the answer or of the context
     temperature: float | None
     top_p: float | None
     seed: int | None
@@ -99,7 +106,7 @@ def parse_chat_request(body: Any, opts: ServerOptions) -> ChatRequest:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     model = _field(body, "model", (str,), opts.name)
-    if model not in (opts.name, f"{opts.name}-thinking"):
+    if opts.strict_model_name and model not in (opts.name, f"{opts.name}-thinking"):
         raise ApiError(404, f"model '{model}' does not exist; this server has '{opts.name}' and "
                        f"'{opts.name}-thinking'", code="model_not_found", param="model")
     messages = _field(body, "messages", (list,), required=True)
@@ -124,9 +131,11 @@ def parse_chat_request(body: Any, opts: ServerOptions) -> ChatRequest:
                            param=f"messages[{i}].content")
     max_tokens = _field(body, "max_tokens", (int,), None)
     if max_tokens is None:
-        max_tokens = _field(body, "max_completion_tokens", (int,), 512)
-    if not 1 <= max_tokens <= opts.max_tokens_limit:
-        raise ApiError(400, f"'max_tokens' must be between 1 and {opts.max_tokens_limit}", param="max_tokens")
+        max_tokens = _field(body, "max_completion_tokens", (int,), None)
+    if max_tokens is not None and max_tokens < 1:
+        raise ApiError(400, "'max_tokens' must be at least 1", param="max_tokens")
+    if max_tokens is not None and opts.max_tokens_limit is not None and max_tokens > opts.max_tokens_limit:
+        raise ApiError(400, f"'max_tokens' must be at most {opts.max_tokens_limit}", param="max_tokens")
     temperature = _field(body, "temperature", (int, float), None)
     if temperature is not None and not 0 <= temperature <= 2:
         raise ApiError(400, "'temperature' must be between 0 and 2", param="temperature")
@@ -270,19 +279,29 @@ class Worker:
 
 def _apply_stop(events: Iterator[StreamEvent], stops: list[str], cancel: threading.Event) -> Iterator[StreamEvent]:
     """Cut the answer at the first stop string: text before it is sent, generation is asked to stop, and
-    a tail that could still become a stop string is held back until it cannot."""
+    a tail that could still become a stop string is held back until it cannot. Logprobs ride along with the
+    text they belong to; those of a cut tail are dropped with it."""
     if not stops:
         yield from events
         return
     hold = max(map(len, stops)) - 1
     text, sent, cut = "", 0, None
+    held: list = []          # logprobs of text not yet sent
+    kept: list = []          # logprobs of text sent
+
+    def send(delta: str, token_id: int | None) -> StreamEvent:
+        nonlocal held
+        kept.extend(held)
+        ev, held = StreamEvent(delta, token_id, logprobs=held or None), []
+        return ev
     for ev in events:
         if ev.result is not None:
             res = ev.result
             if cut is not None:
-                res = ChatResult(text[:cut], res.reasoning, res.token_ids, "stop", res.timings)
-            elif sent < len(text):
-                yield StreamEvent(text[sent:], None)
+                res = ChatResult(text[:cut], res.reasoning, res.token_ids, "stop", res.timings,
+                                 kept if res.logprobs is not None else None)
+            elif sent < len(text) or held:
+                yield send(text[sent:], None)
             yield StreamEvent("", None, res)
             return
         if ev.reasoning:
@@ -292,16 +311,17 @@ def _apply_stop(events: Iterator[StreamEvent], stops: list[str], cancel: threadi
         if cut is not None:
             continue
         text += ev.delta
+        held.extend(ev.logprobs or [])
         hits = [text.find(s) for s in stops if s in text]
         if hits:
             cut = min(hits)
             if cut > sent:
-                yield StreamEvent(text[sent:cut], ev.token_id)
+                yield send(text[sent:cut], ev.token_id)
             cancel.set()
             continue
         safe = len(text) - hold
         if safe > sent:
-            yield StreamEvent(text[sent:safe], ev.token_id)
+            yield send(text[sent:safe], ev.token_id)
             sent = safe
 
 
@@ -340,6 +360,24 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
             return JSONResponse(ApiError(413, f"request body over {opts.max_body_bytes:,} bytes").body(), 413)
         return await call_next(request)
 
+    if opts.api_key:
+        key = opts.api_key.encode()
+
+        @app.middleware("http")
+        async def _require_key(request: Request, call_next):
+            if request.url.path != "/health" and request.method != "OPTIONS":
+                scheme, _, token = request.headers.get("authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
+                    err = ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                                   type_="authentication_error", code="invalid_api_key")
+                    return JSONResponse(err.body(), 401, headers={"WWW-Authenticate": "Bearer"})
+            return await call_next(request)
+
+    if opts.cors_origins:      # added last, so it is outermost: preflights never reach the key check
+        from starlette.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=list(opts.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+
     async def _json_body(request: Request) -> Any:
         raw = b""
         async for chunk in request.stream():
@@ -357,18 +395,34 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
                 "served": worker.served}
 
     @app.get("/v1/models")
+    @app.get("/models")
     async def models():
         now = int(time.time())
         names = [opts.name] + ([f"{opts.name}-thinking"] if model.facts.thinking else [])
         return {"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": "local"}
                                            for n in names]}
 
-    def _runner(messages, req: ChatRequest) -> Callable[[threading.Event], Iterator[StreamEvent]]:
-        def run(cancel: threading.Event) -> Iterator[StreamEvent]:
-            events = model.chat(messages, stream=True, thinking=req.thinking, seed=req.seed,
-                                max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                should_stop=cancel.is_set)
-            yield from _apply_stop(events, req.stop, cancel)
+    def _runner(messages, req: ChatRequest, api: OpenAIOptions | None = None
+                ) -> Callable[[threading.Event], Iterator[tuple[int, StreamEvent]]]:
+        """The job: each of the `n` choices in turn, as (choice index, event). Every choice after the first
+        reuses the prompt's KV cache (the decoder keeps the longest common prefix) and recomputes one position."""
+        api = api or OpenAIOptions(seeds=[req.seed])
+
+        def run(cancel: threading.Event) -> Iterator[tuple[int, StreamEvent]]:
+            grammar = grammar_for(api, model)
+            for index, seed in enumerate(api.seeds):
+                stop_here = threading.Event()     # a stop string ends this choice, a disconnect ends all
+                events = model.chat(messages, stream=True, thinking=req.thinking, seed=seed,
+                                    max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                    top_k=api.top_k, repetition_penalty=api.repetition_penalty,
+                                    max_slices=api.max_slices, tools=api.tools_in_prompt, grammar=grammar,
+                                    logprobs=api.logprobs, presence_penalty=api.presence_penalty,
+                                    frequency_penalty=api.frequency_penalty, logit_bias=api.logit_bias,
+                                    should_stop=lambda: cancel.is_set() or stop_here.is_set())
+                for ev in _apply_stop(events, req.stop, stop_here):
+                    yield index, ev
+                if cancel.is_set():
+                    return
         return run
 
     async def _events(job: _Job, request: Request):
@@ -390,58 +444,90 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
     def _error_from(exc: Exception) -> ApiError:
         if isinstance(exc, ApiError):
             return exc
+        if isinstance(exc, FieldError):
+            return ApiError(exc.status, str(exc), param=exc.param)
         if isinstance(exc, ContextOverflowError):
             return ApiError(400, str(exc), code="context_length_exceeded")
         if isinstance(exc, MiniCPMVEdgeError):
             return ApiError(400, str(exc))
         return ApiError(500, f"internal error: {type(exc).__name__}", type_="server_error")
 
-    async def _result(job: _Job, request: Request) -> ChatResult:
-        """Wait for a non-streaming job's final result."""
-        result = None
+    async def _results(job: _Job, request: Request) -> list[ChatResult]:
+        """Wait for a non-streaming job's final results, one per choice."""
+        results: dict[int, ChatResult] = {}
         try:
-            async for ev in _events(job, request):
+            async for index, ev in _events(job, request):
                 if ev.result is not None:
-                    result = ev.result
+                    results[index] = ev.result
         except Exception as exc:
             raise _error_from(exc) from None
-        if result is None:
+        if not results:
             raise ApiError(499, "client closed the request")
-        return result
+        return [results[i] for i in sorted(results)]
+
+    async def _result(job: _Job, request: Request) -> ChatResult:
+        return (await _results(job, request))[0]
 
     @app.post("/v1/chat/completions")
+    @app.post("/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_chat_request(await _json_body(request), opts)
+        body = await _json_body(request)
+        req = parse_chat_request(body, opts)
+        try:
+            api = parse_openai_fields(body, stream=req.stream, seed=req.seed, n_vocab=model.decoder.n_vocab,
+                                      has_thinking=model.facts.thinking)
+        except FieldError as exc:
+            raise _error_from(exc) from None
+        if api.enable_thinking is not None:      # chat_template_kwargs wins over the model-name alias
+            req.thinking = api.enable_thinking
         if req.thinking and not model.facts.thinking:
             raise ApiError(400, "this model has no thinking mode", param="model")
         messages = _openai_messages(req.messages, opts)
-        job = _Job(_runner(messages, req), asyncio.get_running_loop())
+        job = _Job(_runner(messages, req, api), asyncio.get_running_loop())
         worker.submit(job, opts.retry_after_s)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        token_bytes = model.decoder.token_bytes
 
         if not req.stream:
-            result = await _result(job, request)
-            message = {"role": "assistant", "content": result.text}
-            if result.reasoning is not None:
-                message["reasoning_content"] = result.reasoning
+            results = await _results(job, request)
             return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
-                    "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
-                    "usage": _usage(result), "timings": result.timings.as_dict()}
+                    "choices": [{"index": i, **choice_message(r, api, token_bytes)} for i, r in enumerate(results)],
+                    "usage": _usage_of(results), "timings": results[0].timings.as_dict()}
+
+        # Wait for the first event before answering 200, so that what fails before the first token (a prompt
+        # over the context, a bad schema, a busy model) is a real HTTP error status, not an in-band one.
+        events = _events(job, request).__aiter__()
+        try:
+            first = await events.__anext__()
+        except StopAsyncIteration:
+            raise ApiError(499, "client closed the request") from None
+        except Exception as exc:
+            raise _error_from(exc) from None
 
         async def sse():
-            def chunk(delta: dict, finish: str | None = None, extra: dict | None = None) -> str:
+            def chunk(choices: list, extra: dict | None = None) -> str:
                 body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                        "choices": choices}
                 body.update(extra or {})
                 return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-            yield chunk({"role": "assistant", "content": ""})
+            streams = [ChoiceStream(i, api, token_bytes) for i in range(api.n)]
+            for s in streams:
+                yield chunk([s.start()])
             try:
-                async for ev in _events(job, request):
-                    if ev.result is not None:
-                        yield chunk({}, ev.result.finish_reason,
-                                    {"usage": _usage(ev.result), "timings": ev.result.timings.as_dict()})
-                    elif ev.delta:
-                        yield chunk({"reasoning_content": ev.delta} if ev.reasoning else {"content": ev.delta})
+                item = first
+                while True:
+                    index, ev = item
+                    for choice in streams[index].feed(ev):
+                        extra = None
+                        if ev.result is not None and choice["finish_reason"] is not None:
+                            extra = {"usage": _usage(ev.result), "timings": ev.result.timings.as_dict()}
+                        yield chunk([choice], extra)
+                    try:
+                        item = await events.__anext__()
+                    except StopAsyncIteration:
+                        break
+                if api.include_usage:
+                    yield chunk([], {"usage": _usage_of([s.result for s in streams if s.result is not None])})
             except Exception as exc:
                 yield f"data: {json.dumps(_error_from(exc).body())}\n\n"
             yield "data: [DONE]\n\n"
