@@ -261,7 +261,10 @@ def parse_openai_fields(body: Mapping[str, Any], *, stream: bool, seed: int | No
             extra = sorted(set(kwargs) - {"enable_thinking"}) if isinstance(kwargs, dict) else []
             raise FieldError(f"chat_template_kwargs.{extra[0]}" if extra else "chat_template_kwargs",
                              "'chat_template_kwargs' supports only 'enable_thinking'")
-        o.enable_thinking = _boolean(kwargs, "enable_thinking", None)
+        if not isinstance(kwargs.get("enable_thinking", False), bool):
+            raise FieldError("chat_template_kwargs.enable_thinking",
+                             "'chat_template_kwargs.enable_thinking' must be true or false")
+        o.enable_thinking = kwargs.get("enable_thinking")
         if o.enable_thinking and not has_thinking:
             raise FieldError("chat_template_kwargs.enable_thinking", "this model has no thinking mode")
     _check_messages(body.get("messages") or [])

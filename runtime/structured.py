@@ -16,6 +16,7 @@ thinking on the reasoning is free and the answer is constrained.
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -45,7 +46,9 @@ class GrammarEngine:
         self.n_vocab = n_vocab
         self.eos_id = eos_id
         # the end-of-answer token the grammar allows once it is complete: the chat's stop token
-        self.tokenizer = llguidance.llamacpp.lltokenizer_from_vocab(vocab, eos_token=eos_id)
+        with warnings.catch_warnings():   # it reads token attributes through a deprecated llama_cpp name
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.tokenizer = llguidance.llamacpp.lltokenizer_from_vocab(vocab, eos_token=eos_id)
 
     def _compile(self, grammar: str, what: str) -> str:
         error = self._llg.LLMatcher.validate_grammar(grammar, self.tokenizer)

@@ -15,6 +15,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from .structured import JSON_OPTIONS
+
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
 
@@ -37,7 +39,7 @@ def forced_call_grammar(tools: Sequence[Mapping[str, Any]], only: str | None, pa
     The markers are the vocabulary's single tokens where it has them (as the model was trained), text otherwise."""
     open_ = f"<[{open_token}]>" if open_token is not None else json.dumps(OPEN)
     close = f"<[{close_token}]>" if close_token is not None else json.dumps(CLOSE)
-    body = json.dumps(call_schema(tools, only))
+    body = json.dumps({**call_schema(tools, only), "x-guidance": JSON_OPTIONS})   # compact, as the template writes
     start = 'start: call ("\\n" call)*' if parallel else "start: call"
     return f'{start}\ncall: {open_} "\\n" body "\\n" {close}\nbody: %json {body}\n'
 

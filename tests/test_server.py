@@ -31,8 +31,10 @@ def _free_port() -> int:
 def server(tiny_bundle):
     from minicpmv_edge.runtime.server import ServerOptions, create_app
     model = minicpmv_edge.load(tiny_bundle("4.5"), llm="Q4_K_M")
+    # strict_model_name: this server still refuses unknown model names (the default now serves any name;
+    # tests/test_openai_api.py covers that)
     opts = ServerOptions(name="tiny", max_queue=4, max_body_bytes=4 * 2 ** 20, max_image_bytes=2 * 2 ** 20,
-                         max_images=8)
+                         max_images=8, strict_model_name=True)
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(model, opts), host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=srv.run, daemon=True)
