@@ -5,9 +5,6 @@ logprobs, n, tools, usage chunks, HTTP errors before the first streamed token, a
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from typing import Literal
 
 import httpx
@@ -25,27 +22,13 @@ ORIGIN = "http://app.example.test"
 
 
 @pytest.fixture(scope="module")
-def served(tiny_bundle):
+def served(tiny_bundle, serve_on_loopback):
     """(base URL, model): a default server (any model name) with an API key and one CORS origin."""
     from minicpmv_edge.runtime.server import ServerOptions, create_app
     model = minicpmv_edge.load(tiny_bundle("4.5"), llm="Q4_K_M")
     opts = ServerOptions(name="tiny", max_queue=4, api_key=KEY, cors_origins=(ORIGIN,))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(model, opts), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    yield base, model
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_on_loopback(create_app(model, opts)) as base:
+        yield base, model
     model.close()
 
 
@@ -295,6 +278,9 @@ def test_stream_errors_before_the_first_token_are_http_errors(base):
         assert r.json()["error"]["code"] == "context_length_exceeded"
     over = _post(base, {"model": "tiny", "stream": True, "messages": USER, "max_tokens": 4096})
     assert over.status_code == 400 and "max_tokens" in over.json()["error"]["message"]
+    broken = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/missing"}}}
+    bad_schema = _post(base, {"model": "tiny", "stream": True, "messages": USER, "response_format": broken})
+    assert bad_schema.status_code == 400 and "json_schema" in bad_schema.json()["error"]["message"], bad_schema.text
 
 
 def test_max_tokens_up_to_what_the_context_has_left(base):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import struct
 import threading
 import time
@@ -21,34 +20,16 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tiny_bundle):
+def server(tiny_bundle, serve_on_loopback):
     from minicpmv_edge.runtime.server import ServerOptions, create_app
     model = minicpmv_edge.load(tiny_bundle("4.5"), llm="Q4_K_M")
     # strict_model_name: this server still refuses unknown model names (the default now serves any name;
     # tests/test_openai_api.py covers that)
     opts = ServerOptions(name="tiny", max_queue=4, max_body_bytes=4 * 2 ** 20, max_image_bytes=2 * 2 ** 20,
                          max_images=8, strict_model_name=True)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(model, opts), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    yield base
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_on_loopback(create_app(model, opts)) as base:
+        yield base
     model.close()
 
 
