@@ -154,10 +154,15 @@ def test_n_choices_with_a_seed_differ_and_reproduce(base):
     stream = _client(base).chat.completions.create(model="tiny", messages=USER, n=3, seed=11, temperature=1.0,
                                                    max_tokens=16, stream=True)
     parts = {0: "", 1: "", 2: ""}
+    prefilled = {}
     for c in stream:
         for ch in c.choices:
             parts[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                prefilled[ch.index] = c.model_extra["timings"]["prefilled_tokens"]
     assert [parts[i] for i in range(3)] == texts
+    # choices after the first reuse the prompt's KV cache: one position recomputed, not the prompt
+    assert prefilled[1] == prefilled[2] == 1, prefilled
 
 
 TOOLS = [
