@@ -401,11 +401,14 @@ class MiniCPMV:
         t_start = time.perf_counter()
         segments = self.prepare(messages, thinking=thinking, max_slices=max_slices, timings=t, tools=tools)
         left = self.decoder.n_ctx - t.prompt_tokens
-        if max_tokens is None:
+        if left <= 0:
+            pass                   # the prompt alone overflows: prefill says so, naming the prompt's length
+        elif max_tokens is None:
             max_tokens = left
         elif max_tokens > left:
             raise ContextOverflowError(f"max_tokens is {max_tokens} but the context has {max(left, 0)} positions "
                                        f"left after the {t.prompt_tokens}-token prompt ({self.decoder.n_ctx} in all)")
+        max_tokens = max_tokens or 1
         constraint = None
         if grammar is not None:
             from .structured import Constraint
