@@ -182,6 +182,14 @@ def serve_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--allow-remote-urls", action="store_true", help="fetch http(s) image/video URLs (allow-listed)")
     ap.add_argument("--allow-host", action="append", default=[], help="host allowed for remote URLs")
     ap.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json")
+    ap.add_argument("--strict-model-name", action="store_true",
+                    help="answer 404 to a 'model' other than --name (default: any name is served)")
+    ap.add_argument("--api-key", default=os.environ.get("MINICPMV_EDGE_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' on every route but /health "
+                         "(default: $MINICPMV_EDGE_API_KEY; unset: no key)")
+    ap.add_argument("--cors-origin", action="append", default=[],
+                    help="browser origin allowed to call the server, e.g. http://localhost:3000 (repeatable; "
+                         "'*' for any; default: CORS off)")
     args = ap.parse_args(argv)
     try:
         import uvicorn
@@ -193,6 +201,8 @@ def serve_main(argv: list[str] | None = None) -> int:
     name = args.name or model.bundle.name or "minicpm-v"
     opts = ServerOptions(name=name, max_queue=args.max_queue, allow_local_files=args.allow_local_files,
                          local_roots=tuple(args.allow_dir), allow_remote_urls=args.allow_remote_urls,
-                         remote_allow_hosts=tuple(h.lower() for h in args.allow_host), docs=args.docs)
+                         remote_allow_hosts=tuple(h.lower() for h in args.allow_host), docs=args.docs,
+                         strict_model_name=args.strict_model_name, api_key=args.api_key or None,
+                         cors_origins=tuple(args.cors_origin))
     make_server(create_app(model, opts), args.host, args.port, opts).run()
     return 0

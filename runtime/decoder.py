@@ -22,7 +22,7 @@ import ctypes
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Iterator, Mapping, Protocol, Sequence, Union
 
 import numpy as np
 
@@ -57,30 +57,82 @@ class SamplingParams:
     repetition_penalty: float = 1.0   # 1 = off; applied to tokens seen in the last `penalty_last_n`
     penalty_last_n: int = 64
     seed: int | None = None
+    presence_penalty: float = 0.0     # OpenAI's: minus this once for every token already in the answer,
+    frequency_penalty: float = 0.0    # and minus this for each time it occurs there
+    logit_bias: Mapping[int, float] | None = None   # added to the logits of these token ids
+    top_logprobs: int | None = None   # None: no logprobs; k: the drawn token's and the k most likely ones'
 
     def validate(self) -> None:
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
             raise MiniCPMVEdgeError(f"invalid sampling parameters: {self}")
 
 
-class Sampler:
-    """Repetition penalty -> temperature -> top-k -> top-p -> draw, in numpy, seeded."""
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A drawn token's log-probability and the `top_logprobs` most likely tokens at that step, from the
+    logits after penalties, bias and grammar and before temperature/top-k/top-p (so greedy draws the top one)."""
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
 
-    def __init__(self, params: SamplingParams):
+
+class LogitConstraint(Protocol):
+    """runtime/structured.Constraint: masks what a grammar forbids and follows the drawn tokens."""
+    finished: bool
+
+    def mask(self, logits: np.ndarray) -> None: ...
+
+    def accept(self, token: int) -> None: ...
+
+
+class Sampler:
+    """Penalties -> logit bias -> grammar mask -> temperature -> top-k -> top-p -> draw, in numpy, seeded.
+    With a constraint that is complete, the draw is `end_id` (the answer is over)."""
+
+    def __init__(self, params: SamplingParams, *, constraint: LogitConstraint | None = None, end_id: int = -1):
         params.validate()
         self.p = params
         self.rng = np.random.default_rng(params.seed)
+        self.constraint, self.end_id = constraint, end_id
+        self.counts: dict[int, int] = {}          # tokens drawn so far (presence/frequency penalties)
+        self.last_logprob: TokenLogprob | None = None
 
     def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
+        if self.constraint is not None and self.constraint.finished:
+            self.last_logprob = None
+            return self.end_id
+        logits = self._process(np.array(logits, dtype=np.float64), history)
+        tok = self._draw(logits)
+        if self.p.top_logprobs is not None:
+            self.last_logprob = _logprob(logits, tok, self.p.top_logprobs)
+        self.counts[tok] = self.counts.get(tok, 0) + 1
+        if self.constraint is not None:
+            self.constraint.accept(tok)
+        return tok
+
+    def _process(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
         p = self.p
-        logits = np.array(logits, dtype=np.float64)
         if p.repetition_penalty != 1.0 and history:
             seen = np.unique(np.asarray(history[-p.penalty_last_n:], dtype=np.int64))
             seen = seen[seen < logits.size]
             vals = logits[seen]
             logits[seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if self.counts and (p.presence_penalty or p.frequency_penalty):
+            ids = np.fromiter(self.counts.keys(), dtype=np.int64)
+            n = np.fromiter(self.counts.values(), dtype=np.float64)
+            logits[ids] -= p.presence_penalty + p.frequency_penalty * n
+        if p.logit_bias:
+            ids = np.fromiter(p.logit_bias.keys(), dtype=np.int64)
+            logits[ids] += np.fromiter(p.logit_bias.values(), dtype=np.float64)
+        if self.constraint is not None:
+            self.constraint.mask(logits)
+        return logits
+
+    def _draw(self, logits: np.ndarray) -> int:
+        p = self.p
         if p.temperature == 0:
             return int(np.argmax(logits))
+        logits = logits.copy()
         logits /= p.temperature
         if p.top_k and p.top_k < logits.size:
             kth = np.partition(logits, -p.top_k)[-p.top_k]
@@ -95,6 +147,16 @@ class Sampler:
             mask[keep] = probs[keep]
             probs = mask / mask.sum()
         return int(self.rng.choice(probs.size, p=probs))
+
+
+def _logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
+    finite = np.isfinite(logits)
+    top = logits.max()
+    logp = logits - (top + np.log(np.exp(logits[finite] - top).sum()))
+    k = min(k, int(finite.sum()))
+    best = np.argpartition(-logp, k - 1)[:k] if k else np.empty(0, dtype=np.int64)
+    best = best[np.argsort(-logp[best], kind="stable")]
+    return TokenLogprob(int(token), float(logp[token]), tuple((int(i), float(logp[i])) for i in best))
 
 
 class Decoder:
@@ -344,10 +406,11 @@ class Decoder:
         return self.logits()
 
     def generate(self, segments: Sequence[Segment], *, max_tokens: int, sampling: SamplingParams | None = None,
-                 stop_ids: Sequence[int] = ()) -> Iterator[int]:
+                 stop_ids: Sequence[int] = (), sampler: Sampler | None = None) -> Iterator[int]:
         """Prefill, then yield sampled token ids until a stop/end-of-generation token (not yielded) or
-        `max_tokens`. The KV cache then holds the prompt and the answer, ready for a follow-up."""
-        sampler = Sampler(sampling or SamplingParams())
+        `max_tokens`. The KV cache then holds the prompt and the answer, ready for a follow-up. A caller that
+        wants the sampler's per-token logprobs or a grammar passes its own `sampler`."""
+        sampler = sampler or Sampler(sampling or SamplingParams())
         stops = set(int(s) for s in stop_ids)
         t0 = time.perf_counter()
         logits = self.prefill(segments)

@@ -16,6 +16,7 @@ one piece, as before, so prompts without injected control strings tokenize exact
 """
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from dataclasses import dataclass
@@ -50,6 +51,16 @@ _ENV = BudgetedSandbox(trim_blocks=True, lstrip_blocks=True)
 _ENV.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt))
 
 
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
+            sort_keys: bool = False) -> str:
+    """Plain JSON, as transformers' template environment renders `tojson` (jinja's own escapes <, > and &
+    for HTML, which would change the prompt the model was trained on)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+_ENV.filters["tojson"] = _tojson
+
+
 @dataclass(frozen=True)
 class PromptFormat:
     """What the bundle says about prompts (see facts.py for where each value comes from)."""
@@ -64,24 +75,32 @@ class PromptFormat:
 
 
 def render(fmt: PromptFormat, messages: Sequence[Mapping[str, Any]], *, enable_thinking: bool | None = None,
-           add_generation_prompt: bool = True) -> str:
-    """Messages whose content is already text (images as IMAGE_TAG) -> the templated prompt text."""
+           add_generation_prompt: bool = True, tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """Messages whose content is already text (images as IMAGE_TAG) -> the templated prompt text.
+    `tools` (OpenAI function specs) are passed as the template's `tools`; a template that does not show them
+    to the model is an error, never a silent drop."""
     extra: dict[str, Any] = {}
     if fmt.thinking:
         extra["enable_thinking"] = bool(enable_thinking)
     elif enable_thinking:
         raise PromptError("this model's chat template has no thinking mode")
+    if tools:
+        extra["tools"] = list(tools)
     if not isinstance(fmt.chat_template, str):
         raise PromptError(f"chat template must be text, not {type(fmt.chat_template).__name__}")
     variables = dict(messages=list(messages), add_generation_prompt=add_generation_prompt,
                      bos_token=fmt.bos_token or "", eos_token=fmt.eos_token or "", **extra)
     try:
-        return render_template(_ENV, fmt.chat_template, variables)
+        text = render_template(_ENV, fmt.chat_template, variables)
     except TemplateError as exc:
         raise PromptError(f"chat template error: {exc}") from None
     except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError, RecursionError,
             MemoryError) as exc:   # a stranger's template can fail in any of these ways: one line, no traceback
         raise PromptError(f"chat template error: {type(exc).__name__}: {exc}") from None
+    if tools and not all(json.dumps(t["function"]["name"], ensure_ascii=False)[1:-1] in text for t in tools):
+        raise PromptError("this bundle's chat template does not render tools (re-export it with a tool-aware "
+                          "template, e.g. the 4.5 one)")
+    return text
 
 
 # A conversation that exercises what a chat template is given: an image tag, two turns (no system message: some

@@ -20,6 +20,7 @@ video source through the one policy in `sources.py`, so the runtime only ever re
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import json
 import logging
 import queue
@@ -34,6 +35,8 @@ from typing import Any, Callable, Iterator
 from minicpmv_edge.errors import MiniCPMVEdgeError
 
 from .decoder import ContextOverflowError
+from .openai_api import ChoiceStream, FieldError, OpenAIOptions, choice_message, grammar_for, parse_openai_fields
+from .openai_api import usage as _usage_of
 from .session import ChatResult, GenerationCancelled, MiniCPMV, StreamEvent, VideoInput
 from .sources import SourceError, SourcePolicy, read_source, short
 
@@ -46,7 +49,7 @@ PRESET_PROMPTS = {
     "tags": "List the main objects in this image as comma-separated tags.",
     "question": "What is the most interesting thing in this image?",
 }
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 _NOTHING = object()           # no event from the worker yet
 MAX_JSON_DEPTH = 32           # the deepest legitimate request (messages > content > part > video > frames) is ~6
 MAX_INT_DIGITS = 20           # 64-bit integers; a 5 000-digit "number" is refused while parsing
@@ -62,7 +65,7 @@ class ServerOptions:
     max_images: int = 16                   # image parts per request, every shape counted
     max_videos: int = 2
     max_frames: int = 240                  # entries of video `frames` lists per request
-    max_tokens_limit: int = 4096
+    max_tokens_limit: int | None = None    # None: up to what the context has left after the prompt
     allow_local_files: bool = False
     local_roots: tuple[str, ...] = ()      # with allow_local_files: only files inside these folders
     allow_remote_urls: bool = False
@@ -73,6 +76,9 @@ class ServerOptions:
     body_timeout_s: float = 30.0           # the whole body must arrive within this
     header_timeout_s: float = 10.0         # a connection must send its request headers within this
     docs: bool = False                     # /docs, /redoc and /openapi.json
+    strict_model_name: bool = False        # False: any `model` is served by the one loaded model
+    api_key: str | None = None             # set: every route but /health and / needs "Authorization: Bearer <key>"
+    cors_origins: tuple[str, ...] = ()     # browser origins allowed to call (CORS is off when empty)
 
     def source_policy(self) -> SourcePolicy:
         return SourcePolicy(max_image_bytes=self.max_image_bytes, max_video_bytes=self.max_video_bytes,
@@ -170,7 +176,7 @@ class ChatRequest:
     messages: list[dict[str, Any]]      # checked shape; sources still as the client sent them
     thinking: bool
     stream: bool
-    max_tokens: int
+    max_tokens: int | None                # None: to the end of the answer or of the context
     temperature: float | None
     top_p: float | None
     seed: int | None
@@ -180,7 +186,7 @@ class ChatRequest:
 def _model(body: dict, opts: ServerOptions, thinking_available: bool) -> str:
     model = _field(body, "model", (str,), opts.name)
     served = [opts.name] + ([f"{opts.name}-thinking"] if thinking_available else [])
-    if model not in served:
+    if opts.strict_model_name and model not in served:
         raise ApiError(404, f"model {short(model, 40)} does not exist; this server has "
                        + " and ".join(f"'{n}'" for n in served), code="model_not_found", param="model")
     return model
@@ -254,12 +260,13 @@ def parse_chat_request(body: Any, opts: ServerOptions, *, thinking_available: bo
         raise ApiError(400, "the request body must be a JSON object")
     model = _model(body, opts, thinking_available)
     messages = _messages(body, opts)
-    max_tokens = _int(body, "max_tokens", 1, opts.max_tokens_limit, None)
-    max_completion_tokens = _int(body, "max_completion_tokens", 1, opts.max_tokens_limit, None)  # the newer name
+    limit = opts.max_tokens_limit or 2 ** 31 - 1      # unset: the session checks against the context left
+    max_tokens = _int(body, "max_tokens", 1, limit, None)
+    max_completion_tokens = _int(body, "max_completion_tokens", 1, limit, None)  # the newer name
     return ChatRequest(
         model=model, messages=messages, thinking=model.endswith("-thinking"),
         stream=bool(_field(body, "stream", (bool,), False)),
-        max_tokens=max_tokens or max_completion_tokens or 512,
+        max_tokens=max_tokens or max_completion_tokens,
         temperature=_number(body, "temperature", 0, 2),
         top_p=_number(body, "top_p", 0, 1, lo_open=True),
         seed=_int(body, "seed", 0, 2 ** 63 - 1, None),
@@ -319,7 +326,11 @@ async def resolve_messages(messages: list[dict[str, Any]], policy: SourcePolicy)
                 except SourceError as exc:
                     raise ApiError(exc.status, exc.message, param=at) from None
             content = parts
-        out.append({"role": msg["role"], "content": content})
+        resolved = {"role": msg["role"], "content": content}
+        for key in ("tool_calls", "tool_call_id", "name"):    # read by tool-aware chat templates
+            if msg.get(key) is not None:
+                resolved[key] = msg[key]
+        out.append(resolved)
     return out
 
 
@@ -378,19 +389,29 @@ class Worker:
 
 def _apply_stop(events: Iterator[StreamEvent], stops: list[str], cancel: threading.Event) -> Iterator[StreamEvent]:
     """Cut the answer at the first stop string: text before it is sent, generation is asked to stop, and
-    a tail that could still become a stop string is held back until it cannot."""
+    a tail that could still become a stop string is held back until it cannot. Logprobs ride along with the
+    text they belong to; those of a cut tail are dropped with it."""
     if not stops:
         yield from events
         return
     hold = max(map(len, stops)) - 1
     text, sent, cut = "", 0, None
+    held: list = []          # logprobs of text not yet sent
+    kept: list = []          # logprobs of text sent
+
+    def send(delta: str, token_id: int | None) -> StreamEvent:
+        nonlocal held
+        kept.extend(held)
+        ev, held = StreamEvent(delta, token_id, logprobs=held or None), []
+        return ev
     for ev in events:
         if ev.result is not None:
             res = ev.result
             if cut is not None:
-                res = dataclasses.replace(res, text=text[:cut], finish_reason="stop")
-            elif sent < len(text):
-                yield StreamEvent(text[sent:], None)
+                res = dataclasses.replace(res, text=text[:cut], finish_reason="stop",
+                                          logprobs=kept if res.logprobs is not None else None)
+            elif sent < len(text) or held:
+                yield send(text[sent:], None)
             yield StreamEvent("", None, res)
             return
         if ev.reasoning:
@@ -400,17 +421,40 @@ def _apply_stop(events: Iterator[StreamEvent], stops: list[str], cancel: threadi
         if cut is not None:
             continue
         text += ev.delta
+        held.extend(ev.logprobs or [])
         hits = [text.find(s) for s in stops if s in text]
         if hits:
             cut = min(hits)
             if cut > sent:
-                yield StreamEvent(text[sent:cut], ev.token_id)
+                yield send(text[sent:cut], ev.token_id)
             cancel.set()
             continue
         safe = len(text) - hold
         if safe > sent:
-            yield StreamEvent(text[sent:safe], ev.token_id)
+            yield send(text[sent:safe], ev.token_id)
             sent = safe
+
+
+class _BearerKey:
+    """ASGI middleware: every route but /health and the page at / needs "Authorization: Bearer <key>" (constant-
+    time compare). Plain ASGI, not BaseHTTPMiddleware, so handlers still see a client disconnect."""
+
+    OPEN_PATHS = ("/health", "/")
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in self.OPEN_PATHS and scope["method"] != "OPTIONS":
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("latin-1"), self.key):
+                from fastapi.responses import JSONResponse
+                err = ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                               type_="authentication_error", code="invalid_api_key")
+                await JSONResponse(err.body(), 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
@@ -431,6 +475,12 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
     docs = {} if opts.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="minicpmv-edge", version="1", lifespan=lifespan, **docs)
     app.state.worker = worker
+    if opts.api_key:
+        app.add_middleware(_BearerKey, key=opts.api_key)
+    if opts.cors_origins:      # added last, so it is outermost: preflights never reach the key check
+        from starlette.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=list(opts.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(ApiError)
     async def _api_error(_request, exc: ApiError):
@@ -487,18 +537,34 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
                 "served": worker.served}
 
     @app.get("/v1/models")
+    @app.get("/models")
     async def models():
         now = int(time.time())
         names = [opts.name] + ([f"{opts.name}-thinking"] if thinking_available else [])
         return {"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": "local"}
                                            for n in names]}
 
-    def _runner(messages, req: ChatRequest) -> Callable[[threading.Event], Iterator[StreamEvent]]:
-        def run(cancel: threading.Event) -> Iterator[StreamEvent]:
-            events = model.chat(messages, stream=True, thinking=req.thinking, seed=req.seed,
-                                max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                should_stop=cancel.is_set)
-            yield from _apply_stop(events, req.stop, cancel)
+    def _runner(messages, req: ChatRequest, api: OpenAIOptions | None = None
+                ) -> Callable[[threading.Event], Iterator[tuple[int, StreamEvent]]]:
+        """The job: each of the `n` choices in turn, as (choice index, event). Every choice after the first
+        reuses the prompt's KV cache (the decoder keeps the longest common prefix) and recomputes one position."""
+        api = api or OpenAIOptions(seeds=[req.seed])
+
+        def run(cancel: threading.Event) -> Iterator[tuple[int, StreamEvent]]:
+            grammar = grammar_for(api, model)
+            for index, seed in enumerate(api.seeds):
+                stop_here = threading.Event()     # a stop string ends this choice, a disconnect ends all
+                events = model.chat(messages, stream=True, thinking=req.thinking, seed=seed,
+                                    max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                    top_k=api.top_k, repetition_penalty=api.repetition_penalty,
+                                    max_slices=api.max_slices, tools=api.tools_in_prompt, grammar=grammar,
+                                    logprobs=api.logprobs, presence_penalty=api.presence_penalty,
+                                    frequency_penalty=api.frequency_penalty, logit_bias=api.logit_bias,
+                                    should_stop=lambda: cancel.is_set() or stop_here.is_set())
+                for ev in _apply_stop(events, req.stop, stop_here):
+                    yield index, ev
+                if cancel.is_set():
+                    return
         return run
 
     async def _events(job: _Job, request: Request):
@@ -530,6 +596,8 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
     def _error_from(exc: Exception) -> ApiError:
         if isinstance(exc, ApiError):
             return exc
+        if isinstance(exc, FieldError):
+            return ApiError(exc.status, str(exc)[:300], param=exc.param)
         if isinstance(exc, ContextOverflowError):
             return ApiError(400, str(exc)[:300], code="context_length_exceeded")
         if isinstance(exc, GenerationCancelled):
@@ -538,10 +606,10 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
             return ApiError(400, str(exc)[:300])
         return ApiError(500, f"internal error: {type(exc).__name__}", type_="server_error")
 
-    async def _submit(messages, req: ChatRequest, request: Request):
-        """Queue the job and wait for its first event, so errors before the answer (a bad image, an overflow)
-        get their own status, streaming or not."""
-        job = _Job(_runner(messages, req), asyncio.get_running_loop())
+    async def _submit(messages, req: ChatRequest, request: Request, api: OpenAIOptions | None = None):
+        """Queue the job and wait for its first event, so errors before the answer (a bad image, an overflow,
+        a bad schema) get their own status, streaming or not."""
+        job = _Job(_runner(messages, req, api), asyncio.get_running_loop())
         worker.submit(job, opts.retry_after_s)
         events = _events(job, request)
         try:
@@ -550,56 +618,67 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
             raise ApiError(499, "client closed the request") from None
         return job, first, events
 
-    async def _result(first: StreamEvent, events) -> ChatResult:
-        """A non-streaming job's final result."""
-        result = first.result
-        async for ev in events:
+    async def _results(first: tuple[int, StreamEvent], events) -> list[ChatResult]:
+        """A non-streaming job's final results, one per choice."""
+        results: dict[int, ChatResult] = {}
+        if first[1].result is not None:
+            results[first[0]] = first[1].result
+        async for index, ev in events:
             if ev.result is not None:
-                result = ev.result
-        if result is None:
+                results[index] = ev.result
+        if not results:
             raise ApiError(499, "client closed the request")
-        return result
+        return [results[i] for i in sorted(results)]
 
     @app.post("/v1/chat/completions")
+    @app.post("/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_chat_request(await _json_body(request), opts, thinking_available=thinking_available)
+        body = await _json_body(request)
+        req = parse_chat_request(body, opts, thinking_available=thinking_available)
+        try:
+            api = parse_openai_fields(body, stream=req.stream, seed=req.seed, n_vocab=model.decoder.n_vocab,
+                                      has_thinking=thinking_available)
+        except FieldError as exc:
+            raise _error_from(exc) from None
+        if api.enable_thinking is not None:      # chat_template_kwargs wins over the model-name alias
+            req.thinking = api.enable_thinking
+        if req.thinking and not thinking_available:
+            raise ApiError(400, "this model has no thinking mode", param="model")
         messages = await resolve_messages(req.messages, policy)
-        _job, first, events = await _submit(messages, req, request)
+        _job, first, events = await _submit(messages, req, request, api)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        token_bytes = model.decoder.token_bytes
 
         if not req.stream:
-            result = await _result(first, events)
-            message = {"role": "assistant", "content": result.text}
-            if result.reasoning is not None:
-                message["reasoning_content"] = result.reasoning
+            results = await _results(first, events)
             return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
-                    "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
-                    "usage": _usage(result), "timings": result.timings.as_dict(), "boxes": _boxes(result)}
+                    "choices": [{"index": i, **choice_message(r, api, token_bytes)} for i, r in enumerate(results)],
+                    "usage": _usage_of(results), "timings": results[0].timings.as_dict(),
+                    "boxes": _boxes(results[0])}
 
-        def chunk(delta: dict, finish: str | None = None, extra: dict | None = None) -> str:
+        def chunk(choices: list, extra: dict | None = None) -> str:
             body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                    "choices": choices}
             body.update(extra or {})
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-        def sse_event(ev: StreamEvent) -> str | None:
-            if ev.result is not None:
-                return chunk({}, ev.result.finish_reason, {"usage": _usage(ev.result),
-                             "timings": ev.result.timings.as_dict(), "boxes": _boxes(ev.result)})
-            if ev.delta:
-                return chunk({"reasoning_content": ev.delta} if ev.reasoning else {"content": ev.delta})
-            return None
-
         async def sse():
+            streams = [ChoiceStream(i, api, token_bytes) for i in range(api.n)]
             try:
-                yield chunk({"role": "assistant", "content": ""})
-                text = sse_event(first)
-                if text:
-                    yield text
-                async for ev in events:
-                    text = sse_event(ev)
-                    if text:
-                        yield text
+                for s in streams:
+                    yield chunk([s.start()])
+                item = first
+                while item is not None:
+                    index, ev = item
+                    for choice in streams[index].feed(ev):
+                        extra = None
+                        if ev.result is not None and choice["finish_reason"] is not None:
+                            extra = {"usage": _usage(ev.result), "timings": ev.result.timings.as_dict(),
+                                     "boxes": _boxes(ev.result)}
+                        yield chunk([choice], extra)
+                    item = await anext(events, None)
+                if api.include_usage:
+                    yield chunk([], {"usage": _usage_of([s.result for s in streams if s.result is not None])})
             except ApiError as exc:
                 yield f"data: {json.dumps(exc.body())}\n\n"
             finally:
@@ -636,7 +715,7 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
             raise ApiError(exc.status, exc.message.replace("messages[0].content[0].image", "image"),
                            param="image") from None
         _job, first, events = await _submit(messages, req, request)
-        result = await _result(first, events)
+        result = (await _results(first, events))[0]
         return {"text": result.text, "prompt": prompt, "seed": seed, "finish_reason": result.finish_reason,
                 "usage": _usage(result), "timings": result.timings.as_dict()}
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import codecs
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -23,7 +23,7 @@ import numpy as np
 from minicpmv_edge.errors import MiniCPMVEdgeError
 from minicpmv_edge.facts import GROUNDING_TOKENS, MAX_SLICE_NUMS, ModelFacts
 
-from .decoder import ContextOverflowError, Decoder, Embeddings, SamplingParams
+from .decoder import ContextOverflowError, Decoder, Embeddings, Sampler, SamplingParams, TokenLogprob
 from .grounding import GroundedObject, GroundingStream, ImageGeometry, parse as parse_grounding
 from .images import ImageHeader, ImageInputError, LoadedImage, load_image, read_image_header, slice_shapes
 from .preprocess import DEFAULT_MAX_PIXELS, PreprocessedImage, preprocess_image
@@ -90,6 +90,7 @@ class ChatResult:
     finish_reason: str               # "stop" or "length"
     timings: Timings
     image_geometry: list[ImageGeometry] = field(default_factory=list)   # size + EXIF orientation per image sent
+    logprobs: list[TokenLogprob] | None = None   # per answer token, when asked for (chat(logprobs=k))
 
     @property
     def boxes(self) -> list[GroundedObject]:
@@ -104,6 +105,7 @@ class StreamEvent:
     result: ChatResult | None = None  # set on the final event only
     reasoning: bool = False          # the delta belongs to the thinking part
     boxes: list[GroundedObject] = field(default_factory=list)   # grounding spans this delta completed
+    logprobs: list[TokenLogprob] | None = None   # the tokens this delta came from, when asked for
 
 
 @dataclass
@@ -169,8 +171,10 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> _Request:
         if not isinstance(msg, Mapping) or "role" not in msg:
             raise MiniCPMVEdgeError(f"messages[{n}]: expected an object with 'role' and 'content'")
         role, content = msg["role"], msg.get("content")
-        if role not in ("system", "user", "assistant"):
-            raise MiniCPMVEdgeError(f"messages[{n}].role: {role!r} is not system, user or assistant")
+        if role == "developer":      # OpenAI's newer name for the system turn
+            role = "system"
+        if role not in ("system", "user", "assistant", "tool"):
+            raise MiniCPMVEdgeError(f"messages[{n}].role: {role!r} is not system, developer, user, assistant or tool")
         items = [content] if isinstance(content, str) or content is None else content
         if not isinstance(items, (list, tuple)):
             raise MiniCPMVEdgeError(f"messages[{n}].content: expected a string or a list of parts")
@@ -214,7 +218,11 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> _Request:
                 parts.append(IMAGE_TAG)
             else:
                 raise MiniCPMVEdgeError(f"messages[{n}].content[{k}].type: {item.get('type')!r} is not supported")
-        out.messages.append({"role": role, "content": "\n".join(parts)})
+        text_msg = {"role": role, "content": "\n".join(parts)}
+        for key in ("tool_calls", "tool_call_id", "name", "reasoning_content"):   # read by tool-aware templates
+            if msg.get(key) is not None:
+                text_msg[key] = msg[key]
+        out.messages.append(text_msg)
     return out
 
 
@@ -254,6 +262,7 @@ class MiniCPMV:
         self._grounding_ids = {ids[0] for ids in (self.decoder.tokenize(t, parse_special=True)
                                                   for t in facts.extra_special_tokens if t in GROUNDING_TOKENS)
                                if len(ids) == 1}
+        self._grammar_engine = None
 
     def _special_id(self, token: str) -> int:
         if token not in self._special_ids:
@@ -421,11 +430,12 @@ class MiniCPMV:
         return _Encoded(None, blocks, key, is_video=True)
 
     # ----- prompt
-    def _prompt_ids(self, req: _Request, plans: list[_Planned], thinking: bool) -> tuple[list[int], list]:
+    def _prompt_ids(self, req: _Request, plans: list[_Planned], thinking: bool,
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> tuple[list[int], list]:
         """Token ids of the whole prompt (image slots filled with pads) and the [start, end) slot of every block;
         known before any vision work, so a prompt that cannot fit is refused first."""
         fmt = self.prompt_format
-        text = render(fmt, req.messages, enable_thinking=thinking if fmt.thinking else None)
+        text = render(fmt, req.messages, enable_thinking=thinking if fmt.thinking else None, tools=tools)
         specials = [*fmt.special_tokens.values(), *(t for t in (fmt.bos_token, fmt.eos_token) if t)]
         prefix = self.decoder.tokenize("", add_special=True, parse_special=False) if self.facts.bos_token else []
         ids, control = tokenize_prompt(text, [p.placeholder for p in plans], specials,
@@ -459,19 +469,37 @@ class MiniCPMV:
              seed: int | None = None, max_tokens: int = 512, max_slices: int | None = None,
              temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
              repetition_penalty: float | None = None, greedy: bool = False,
-             should_stop: Callable[[], bool] | None = None) -> ChatResult | Iterator[StreamEvent]:
+             should_stop: Callable[[], bool] | None = None, tools: Sequence[Mapping[str, Any]] | None = None,
+             grammar: str | None = None, logprobs: int | None = None, presence_penalty: float = 0.0,
+             frequency_penalty: float = 0.0,
+             logit_bias: Mapping[int, float] | None = None) -> ChatResult | Iterator[StreamEvent]:
         """Answer the conversation. `greedy=True` ignores the sampling defaults (argmax); otherwise unset
         parameters take the model's recommended values from the facts table. `should_stop` is polled after
-        every token (a client went away, a stop string appeared): generation then ends early, normally."""
+        every token (a client went away, a stop string appeared): generation then ends early, normally.
+        `max_tokens=None` runs to the end of the answer or of the context.
+
+        `tools` (OpenAI function specs) go to the chat template; `grammar` (from `grammar_engine()`, see
+        runtime/structured.py) constrains the answer, after the reasoning when thinking; `logprobs=k` puts each
+        answer token's log-probability and its k most likely alternatives on the events and the result."""
+        sampling = self._sampling(temperature, top_p, top_k, repetition_penalty, seed, greedy)
+        sampling = replace(sampling, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                           logit_bias=logit_bias, top_logprobs=logprobs)
         events = self._run(messages, thinking=thinking, seed=seed, max_tokens=max_tokens, max_slices=max_slices,
-                           sampling=self._sampling(temperature, top_p, top_k, repetition_penalty, seed, greedy),
-                           should_stop=should_stop)
+                           sampling=sampling, should_stop=should_stop, tools=tools, grammar=grammar)
         if stream:
             return events
         for ev in events:
             if ev.result is not None:
                 return ev.result
         raise MiniCPMVEdgeError("generation ended without a result")   # unreachable
+
+    def grammar_engine(self):
+        """This model's structured-output engine (runtime/structured.py), built on first use: it walks the
+        whole vocabulary once (about a second per 100k tokens)."""
+        if self._grammar_engine is None:
+            from .structured import GrammarEngine
+            self._grammar_engine = GrammarEngine(self.decoder.vocab, self.decoder.n_vocab, self.stop_ids[0])
+        return self._grammar_engine
 
     def _sampling(self, temperature, top_p, top_k, repetition_penalty, seed, greedy) -> SamplingParams:
         d = self.facts.sampling
@@ -484,14 +512,16 @@ class MiniCPMV:
                               else repetition_penalty, seed=seed)
 
     def prepare(self, messages: Sequence[Mapping[str, Any]], *, thinking: bool = False, max_slices: int | None = None,
-                timings: Timings | None = None, should_stop: Callable[[], bool] | None = None) -> list:
+                timings: Timings | None = None, should_stop: Callable[[], bool] | None = None,
+                tools: Sequence[Mapping[str, Any]] | None = None) -> list:
         """Everything before the LLM: the cheap checks (headers, slice grids, frame counts, the whole prompt's
         length vs the context), then images and videos encoded (cached), split into token runs and embedding
         blocks ready for `decoder.prefill` / `decoder.generate`. `should_stop` is polled between slices."""
         return self._prepare(messages, thinking=thinking, max_slices=max_slices, timings=timings,
-                             should_stop=should_stop)[0]
+                             should_stop=should_stop, tools=tools)[0]
 
-    def _prepare(self, messages, *, thinking, max_slices, timings, should_stop) -> tuple[list, list[ImageGeometry]]:
+    def _prepare(self, messages, *, thinking, max_slices, timings, should_stop, tools=None
+                 ) -> tuple[list, list[ImageGeometry]]:
         """`prepare`, plus the geometry of each image in order (videos left out) for the grounding boxes."""
         if thinking and not self.facts.thinking:
             raise MiniCPMVEdgeError(f"MiniCPM-V {self.facts.version} has no thinking mode")
@@ -506,7 +536,7 @@ class MiniCPMV:
             raise ContextOverflowError(f"the messages hold {chars:,} characters; a {n_ctx}-token context holds at "
                                        f"most {n_ctx * MAX_CHARS_PER_POSITION:,}")
         plans = self._plan(req, slices)
-        ids, spans = self._prompt_ids(req, plans, thinking)
+        ids, spans = self._prompt_ids(req, plans, thinking, tools)
         if len(ids) >= n_ctx:
             raise ContextOverflowError(f"the prompt needs {len(ids)} positions ({len(spans)} image blocks of "
                                        f"{self.prompt_format.query_num}) but the context holds {n_ctx} (raise n_ctx, "
@@ -517,19 +547,38 @@ class MiniCPMV:
         return self._segments(ids, spans, encoded), [e.geometry for e in encoded if e.geometry is not None]
 
     def _run(self, messages, *, thinking, seed, max_tokens, max_slices, sampling,
-             should_stop=None) -> Iterator[StreamEvent]:
-        if max_tokens < 1:
+             should_stop=None, tools=None, grammar=None) -> Iterator[StreamEvent]:
+        if max_tokens is not None and max_tokens < 1:
             raise MiniCPMVEdgeError(f"max_tokens must be at least 1, got {max_tokens}")
         t = Timings()
         t_start = time.perf_counter()
         segments, images = self._prepare(messages, thinking=thinking, max_slices=max_slices, timings=t,
-                                         should_stop=should_stop)
+                                         should_stop=should_stop, tools=tools)
+        left = self.decoder.n_ctx - t.prompt_tokens
+        if left <= 0:
+            pass                   # the prompt alone overflows: prefill says so, naming the prompt's length
+        elif max_tokens is None:
+            max_tokens = left
+        elif max_tokens > left:
+            raise ContextOverflowError(f"max_tokens is {max_tokens} but the context has {max(left, 0)} positions "
+                                       f"left after the {t.prompt_tokens}-token prompt ({self.decoder.n_ctx} in all)")
+        max_tokens = max_tokens or 1
+        constraint = None
+        if grammar is not None:
+            from .structured import Constraint
+            # with thinking on, the grammar governs the answer: it starts after </think>
+            constraint = Constraint(self.grammar_engine(), grammar,
+                                    start_after=self._think_ids[-1] if thinking else None)
+        sampler = Sampler(sampling, constraint=constraint, end_id=self.stop_ids[0])
         utf8 = _Utf8Stream()
         grounding = GroundingStream(images)
         tokens: list[int] = []
         parts: dict[bool, list[str]] = {True: [], False: []}   # reasoning? -> text pieces
         in_reasoning = thinking       # with thinking on, the template opens <think>; </think> ends it
-        gen = self.decoder.generate(segments, max_tokens=max_tokens, sampling=sampling, stop_ids=self.stop_ids)
+        want_logprobs = sampling.top_logprobs is not None
+        answer_logprobs: list[TokenLogprob] = []
+        pending: list[TokenLogprob] = []   # logprobs of tokens not yet on an event (a split UTF-8 character)
+        gen = self.decoder.generate(segments, max_tokens=max_tokens, sampler=sampler, stop_ids=self.stop_ids)
         t_first = None
         for tok in gen:
             if t_first is None:
@@ -543,11 +592,15 @@ class MiniCPMV:
                     yield StreamEvent(tail, None, reasoning=in_reasoning)
                 in_reasoning = tok != self._think_ids[-1]   # after </think> comes the answer
                 continue
+            if want_logprobs and not in_reasoning and sampler.last_logprob is not None:
+                pending.append(sampler.last_logprob)
+                answer_logprobs.append(sampler.last_logprob)
             delta = utf8.push(self.decoder.token_bytes(tok, special=tok in self._grounding_ids))
             if delta:
                 parts[in_reasoning].append(delta)
                 yield StreamEvent(delta, tok, reasoning=in_reasoning,
-                                  boxes=[] if in_reasoning else grounding.feed(delta))
+                                  boxes=[] if in_reasoning else grounding.feed(delta), logprobs=pending or None)
+                pending = []
             if should_stop is not None and should_stop():
                 gen.close()
                 break
@@ -558,10 +611,10 @@ class MiniCPMV:
         t.prefill = self.decoder.last_prefill_s
         t.prefilled_tokens = self.decoder.last_prefill_positions
         tail = utf8.flush()
-        if tail:
+        if tail or pending:
             parts[in_reasoning].append(tail)
             yield StreamEvent(tail, None, reasoning=in_reasoning,
-                              boxes=[] if in_reasoning else grounding.feed(tail))
+                              boxes=[] if in_reasoning else grounding.feed(tail), logprobs=pending or None)
         t.decode = t_end - t_first
         t.completion_tokens = len(tokens)
         finish = "length" if len(tokens) >= max_tokens else "stop"
@@ -569,7 +622,8 @@ class MiniCPMV:
         text = "".join(parts[False])
         if thinking:
             text = text.lstrip("\n")
-        yield StreamEvent("", None, ChatResult(text, reasoning, tokens, finish, t, images))
+        yield StreamEvent("", None, ChatResult(text, reasoning, tokens, finish, t, images,
+                                               answer_logprobs if want_logprobs else None))
 
     def forget(self) -> None:
         """Drop the encoded-image cache and the KV cache: the next call starts cold (benchmarks use this)."""

@@ -64,7 +64,10 @@ def server(tiny_bundle):
     model = minicpmv_edge.load(tiny_bundle("4.5"), llm="Q4_K_M")
     LIVE["model"] = model
     opts = ServerOptions(name="tiny", max_queue=4, max_body_bytes=4 * 2 ** 20, max_image_bytes=2 * 2 ** 20,
-                         max_images=8, header_timeout_s=1.0, body_timeout_s=1.0)
+                         max_images=8, header_timeout_s=1.0, body_timeout_s=1.0,
+                         # this server still refuses unknown model names (the default now serves any name;
+                         # tests/test_openai_api.py covers that)
+                         strict_model_name=True)
     with serving(model, opts) as base:
         yield base
     model.close()
@@ -101,7 +104,7 @@ def test_docs_only_with_the_option_and_no_thinking_alias_on_2_6(tiny_bundle):
     from minicpmv_edge.runtime.server import ServerOptions, create_app
     model = minicpmv_edge.load(tiny_bundle("2.6"), llm="Q4_K_M")
     try:
-        with TestClient(create_app(model, ServerOptions(name="old", docs=True))) as client:
+        with TestClient(create_app(model, ServerOptions(name="old", docs=True, strict_model_name=True))) as client:
             assert client.get("/docs").status_code == 200 and client.get("/openapi.json").status_code == 200
             assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["old"]
             r = client.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user",

@@ -175,7 +175,7 @@ def live(tiny_bundle, origins):
     opts = ServerOptions(name="tiny", max_queue=4, max_body_bytes=4 * 2 ** 20, max_image_bytes=2 * 2 ** 20,
                          max_video_bytes=2 * 2 ** 20, max_images=8, max_frames=64,
                          allow_remote_urls=True, remote_allow_hosts=("127.0.0.1", "rebind.test", "127.0.0.2"),
-                         remote_trusted_networks=("127.0.0.1/32",), remote_timeout_s=2.0)
+                         remote_trusted_networks=("127.0.0.1/32",), remote_timeout_s=2.0, strict_model_name=True)
     with serving(model, opts) as base:
         yield {"base": base, "model": model, "vit_runs": vit_runs}
     model.close()
