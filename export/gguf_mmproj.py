@@ -230,7 +230,7 @@ def write_mmproj_gguf(ckpt: Checkpoint | MergerCheckpoint, out: str | Path, out_
             elif qtype == gguf.GGMLQuantizationType.F16:
                 w.add_tensor(name, np.ascontiguousarray(data, dtype=np.float16))
             elif qtype == gguf.GGMLQuantizationType.Q6_K:   # gguf-py has no K-quant encoder: ggml's own
-                from minicpmv_edge.quantize.ggml_lib import quantize_rows
+                from .ggml_lib import quantize_rows
                 w.add_tensor(name, quantize_rows(data, int(qtype)), raw_dtype=qtype)
             else:
                 w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)

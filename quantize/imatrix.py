@@ -152,7 +152,7 @@ class _GgmlTensor(ctypes.Structure):
 
 
 def _check_layout(ptr: int, t: _GgmlTensor) -> None:
-    from minicpmv_edge.quantize import ggml_lib
+    from minicpmv_edge.export import ggml_lib
     if ggml_lib.lib().ggml_get_name(ptr) != t.name or ggml_lib.lib().ggml_nelements(ptr) != math.prod(t.ne):
         raise MiniCPMVEdgeError("struct ggml_tensor differs from the layout quantize/imatrix.py expects "
                                 "(a llama-cpp-python other than 0.3.36?)")
@@ -173,7 +173,7 @@ class ImatrixCollector:
     def __init__(self, *, include_output: bool = False):
         import llama_cpp
 
-        from minicpmv_edge.quantize import ggml_lib
+        from minicpmv_edge.export import ggml_lib
         self.ggml = ggml_lib.lib()
         self.mul_mat = ggml_lib.op_id("MUL_MAT")
         if self.mul_mat < 0:

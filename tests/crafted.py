@@ -466,7 +466,12 @@ def _worker(spec: Path, result: Path, exports: Path) -> None:
         if c["kind"] != "mvr":
             rec["stderr"] = err.getvalue()
         results.append(rec)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM: this process's own peak. (ru_maxrss would not do: Linux carries it over fork+exec from the
+    # parent, here a pytest process that may hold gigabytes.)
+    status = Path("/proc/self/status")
+    hwm = [line.split()[1] for line in status.read_text().splitlines() if line.startswith("VmHWM:")] \
+        if status.exists() else []
+    peak = int(hwm[0]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result.write_text(json.dumps({"results": results, "peak_rss_mb": peak}))
 
 

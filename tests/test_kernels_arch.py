@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -260,8 +261,14 @@ def test_libfuzzer_harness(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     seconds = max(1, int(FUZZ_SECONDS / 2))
-    done = subprocess.run([str(exe), f"-max_total_time={seconds}", "-max_len=16384", "-rss_limit_mb=2048",
-                           "-timeout=20", "-print_final_stats=1", str(work), str(seeds)], capture_output=True,
+    # libFuzzer reads its RSS from getrusage's ru_maxrss, which Linux carries over fork+exec from this (large,
+    # torch-holding) pytest process: the 2 GB budget is counted on top of what this process already peaked at.
+    # -malloc_limit_mb bounds any single allocation by itself.
+    inherited_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    done = subprocess.run([str(exe), f"-max_total_time={seconds}", "-max_len=16384",
+                           f"-rss_limit_mb={2048 + inherited_mb}", "-malloc_limit_mb=2048",
+                           f"-artifact_prefix={tmp_path}/", "-timeout=20", "-print_final_stats=1", str(work),
+                           str(seeds)], capture_output=True,
                           text=True, env={**os.environ, **SANITIZER_ENV}, timeout=120 + seconds)
     runs = re.search(r"stat::number_of_executed_units:\s*(\d+)", done.stderr)
     print(f"\nlibFuzzer: {runs.group(1) if runs else '?'} inputs executed in {seconds} s")
