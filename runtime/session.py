@@ -569,7 +569,7 @@ class MiniCPMV:
             # with thinking on, the grammar governs the answer: it starts after </think>
             constraint = Constraint(self.grammar_engine(), grammar,
                                     start_after=self._think_ids[-1] if thinking else None)
-        sampler = Sampler(sampling, constraint=constraint, end_id=self.stop_ids[0])
+        sampler = Sampler(sampling, constraint=constraint, end_id=self.stop_ids[0] if self.stop_ids else -1)
         utf8 = _Utf8Stream()
         grounding = GroundingStream(images)
         tokens: list[int] = []

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 import minicpmv_edge
-from minicpmv_edge.demo import demo_image
+from minicpmv_edge.workflows.demo import demo_image
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
