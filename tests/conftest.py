@@ -1,12 +1,8 @@
 """Shared fixtures: tiny synthetic checkpoints, written once per test session and version."""
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
-import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 
@@ -63,32 +59,9 @@ def v46_reference(tmp_path_factory):
     return model, folder
 
 
-@contextlib.contextmanager
-def _serve_on_loopback(app) -> Iterator[str]:
-    import httpx
-    import uvicorn
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    try:
-        yield base
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
-
-
 @pytest.fixture(scope="session")
 def serve_on_loopback() -> Callable:
     """Factory: `with serve_on_loopback(app) as base_url:` runs an ASGI app (the server's FastAPI app) with
     uvicorn on a free loopback port until the block ends."""
-    return _serve_on_loopback
+    from loopback import serve_app
+    return serve_app

@@ -7,9 +7,6 @@ import contextlib
 import io
 import json
 import random
-import socket
-import threading
-import time
 
 import httpx
 import pytest
@@ -233,8 +230,8 @@ def scripted_answer(model, answer: str):
     ids = model.decoder.tokenize(answer, add_special=False, parse_special=True)
     real = model.decoder.generate
 
-    def generate(segments, *, max_tokens, sampling=None, stop_ids=()):
-        for _ in real(segments, max_tokens=1, sampling=sampling, stop_ids=stop_ids):
+    def generate(segments, *, max_tokens, stop_ids=(), **sampling):   # sampling= or sampler=, as the caller has it
+        for _ in real(segments, max_tokens=1, stop_ids=stop_ids, **sampling):
             pass
         yield from ids[:max_tokens]
 
@@ -338,35 +335,14 @@ def test_run_draw_refuses_bad_targets_before_loading(tmp_path, monkeypatch):
             cli.run_main(argv)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serving(model, wrap=lambda app: app, **options):
-    """The server on a free loopback port (uvicorn in a thread, its app passed through `wrap`); yields its URL."""
-    import uvicorn
+    """The server on a free loopback port (its app passed through `wrap`); yields its URL."""
+    from loopback import serve_app
 
     from minicpmv_edge.runtime.server import ServerOptions, create_app
-    port = _free_port()
-    app = wrap(create_app(model, ServerOptions(name="tiny", **options)))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    try:
+    with serve_app(wrap(create_app(model, ServerOptions(name="tiny", **options)))) as base:
         yield base
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_server_returns_boxes_plain_streamed_and_cut_by_a_stop_string(model_45):

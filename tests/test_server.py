@@ -17,16 +17,11 @@ import httpx
 import pytest
 
 import minicpmv_edge
+from loopback import serve_app  # noqa: E402 (tests/ is on sys.path under pytest)
 from minicpmv_edge.workflows.demo import demo_image
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 LIVE: dict = {}    # the model and worker behind the module's server (tests reach them here)
@@ -34,27 +29,13 @@ LIVE: dict = {}    # the model and worker behind the module's server (tests reac
 
 @contextlib.contextmanager
 def serving(model, opts):
-    """The app on a free loopback port, in a thread, with the production server settings (make_server);
-    yields the base URL once /health answers. LIVE["worker"] is the app's worker."""
-    from minicpmv_edge.runtime.server import create_app, make_server
-    port = _free_port()
+    """The app on a free loopback port with the production server settings (make_server); yields the base URL
+    once /health answers. LIVE["worker"] is the app's worker."""
+    from minicpmv_edge.runtime.server import create_app
     app = create_app(model, opts)
     LIVE["worker"] = app.state.worker
-    srv = make_server(app, "127.0.0.1", port, opts, log_level="error")
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    try:
+    with serve_app(app, opts) as base:
         yield base
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
 
 
 

@@ -242,7 +242,7 @@ def build_corpus(canary: Path, origins: dict) -> list[tuple[str, object, int, bo
             add(f"{name}={v!r}"[:40], {**GOOD, name: v}, 400)
     for model in ["gpt-4", "", "tiny-thinker", "TINY", "x" * 100_000]:
         add(f"unknown model {model[:12]!r}", {**GOOD, "model": model}, 404)
-    for role in ["robot", "tool", "", "function", "developer"]:
+    for role in ["robot", "tool", "", "function", "Developer"]:   # "developer" is a system turn (#17)
         add(f"role {role!r}", {**GOOD, "messages": [{"role": role, "content": "hi"}]}, 400)
     for part in [{"text": "x"}, {"type": "audio", "audio": "x"}, {"type": 5}, {"type": "text"},
                  {"type": "text", "text": 3}, {"type": "text", "text": None}, "just a string", 7, None]:
