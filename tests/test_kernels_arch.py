@@ -205,7 +205,7 @@ def _no_sanitizer_report(done: subprocess.CompletedProcess) -> None:
     assert "Sanitizer" not in done.stderr and "runtime error" not in done.stderr, done.stderr[-4000:]
 
 
-def test_c_api_fuzz_under_sanitizers(tiny_file):
+def test_c_api_fuzz_under_sanitizers(tiny_file, capsys):
     """The scripted fuzzer, the crafted corpus (each file loaded with every fold and run small, large, small,
     temporal), then FUZZ_SECONDS of random shapes and mutations, all under ASan + UBSan: 0 findings."""
     if not shutil.which("cmake") or not shutil.which("gcc"):
@@ -225,9 +225,12 @@ def test_c_api_fuzz_under_sanitizers(tiny_file):
         assert f"crafted {crafted[0]}:" in done.stdout
         cases = re.search(r"random phase: (\d+) cases executed", done.stdout)
         assert cases and int(cases.group(1)) > 0, done.stdout
+        with capsys.disabled():    # the count belongs in CI's log, passed or not
+            print(f"\n[fuzz] ASan/UBSan mve_fuzz ({dt}): {cases.group(1)} random cases + {len(crafted)} crafted "
+                  "files, 0 findings")
 
 
-def test_libfuzzer_harness(tmp_path):
+def test_libfuzzer_harness(tmp_path, capsys):
     """bindings/tests/mve_libfuzzer.c, coverage-guided from the crafted corpus and small valid files, for
     FUZZ_SECONDS / 2 under ASan + UBSan: libFuzzer exits non-zero on any crash, leak, sanitizer report or
     timeout. Needs clang (setup.sh installs it)."""
@@ -271,6 +274,7 @@ def test_libfuzzer_harness(tmp_path):
                            str(seeds)], capture_output=True,
                           text=True, env={**os.environ, **SANITIZER_ENV}, timeout=120 + seconds)
     runs = re.search(r"stat::number_of_executed_units:\s*(\d+)", done.stderr)
-    print(f"\nlibFuzzer: {runs.group(1) if runs else '?'} inputs executed in {seconds} s")
+    with capsys.disabled():        # the count belongs in CI's log
+        print(f"\n[fuzz] libFuzzer (ASan + UBSan): {runs.group(1) if runs else '?'} inputs executed in {seconds} s")
     _no_sanitizer_report(done)
     assert runs and int(runs.group(1)) > 0, done.stderr[-4000:]
