@@ -95,18 +95,23 @@ def test_f16_gguf_kld_vs_transformers(exported, version):
     assert kld <= 1e-4
 
 
+def _tokenize_both(tokenizer_json, gguf_path, lines):
+    """(llama.cpp vocab-only model, the lines HF `tokenizers` and llama.cpp tokenize differently)."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    llm = llama_cpp.Llama(str(gguf_path), vocab_only=True, verbose=False)
+    return llm, [line for line in lines if tok.encode(line, add_special_tokens=False).ids !=
+                 llm.tokenize(line.encode(), add_bos=False, special=True)]
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_llama_cpp_tokenizes_like_hf(exported, version):
     """100% identical ids on a few thousand lines of mixed text, code, emoji and every special token."""
-    from tokenizers import Tokenizer
     from minicpmv_edge.export.synth_text import corpus_lines
     e = exported[version]
     specials = list(e["ckpt"].facts.all_special_tokens())
     lines = corpus_lines(3000, seed=9001) + specials + [f"x{t}y {t}\n{t}z" for t in specials]
-    tok = Tokenizer.from_file(str(e["ckpt"].root / "tokenizer.json"))
-    llm = llama_cpp.Llama(str(e["F16"]), vocab_only=True, verbose=False)
-    mismatches = [line for line in lines if tok.encode(line, add_special_tokens=False).ids !=
-                  llm.tokenize(line.encode(), add_bos=False, special=True)]
+    llm, mismatches = _tokenize_both(e["ckpt"].root / "tokenizer.json", e["F16"], lines)
     print(f"\n{version}: {len(lines) - len(mismatches)}/{len(lines)} lines tokenized identically")
     assert not mismatches, mismatches[:3]
     # every special token is one id, the same id, and a control token in llama.cpp

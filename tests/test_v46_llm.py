@@ -60,7 +60,7 @@ PROMPT = ("<|im_start|>user\nDescribe the picture, please. 你好! café naïve 
 
 transformers = pytest.importorskip("transformers")
 llama_cpp = pytest.importorskip("llama_cpp")
-from test_gguf_export import _kld, _llama, _llama_logits  # noqa: E402  (f32 KV llama.cpp helpers)
+from test_gguf_export import _kld, _llama, _llama_logits, _tokenize_both  # noqa: E402  (f32 KV llama.cpp helpers)
 
 
 @pytest.fixture(scope="module")
@@ -349,7 +349,6 @@ def test_gguf_metadata(ckpt46, gguf46):
 def test_llama_cpp_tokenizes_like_hf(ckpt46, gguf46):
     """Identical ids on the tokenizer test corpus (mixed scripts, combining marks, code, emoji) and every
     added token; llama.cpp's `qwen35` pre-tokenizer is the one that splits like Qwen3.5's regex."""
-    from tokenizers import Tokenizer
     from minicpmv_edge.export.synth_text import corpus_lines
     specials = list(ckpt46.facts.all_special_tokens())
     # combining marks that survive NFC (both tokenizers see NFC text: HF normalises, llama.cpp does not)
@@ -357,10 +356,7 @@ def test_llama_cpp_tokenizes_like_hf(ckpt46, gguf46):
                                                        "x\u0300\u0301 \u0301y", "ab\u0301\u0302cd\u0303 \u0300")]
     assert all(any(unicodedata.category(c) == "Mn" for c in t) for t in marks)
     lines = corpus_lines(3000, seed=9001) + specials + [f"x{t}y {t}\n{t}z" for t in specials] + marks
-    tok = Tokenizer.from_file(str(ckpt46.root / "tokenizer.json"))
-    llm = llama_cpp.Llama(str(gguf46["F16"]), vocab_only=True, verbose=False)
-    mismatches = [line for line in lines if tok.encode(line, add_special_tokens=False).ids !=
-                  llm.tokenize(line.encode(), add_bos=False, special=True)]
+    llm, mismatches = _tokenize_both(ckpt46.root / "tokenizer.json", gguf46["F16"], lines)
     print(f"\n4.6: {len(lines) - len(mismatches)}/{len(lines)} lines tokenized identically by llama.cpp and HF")
     assert not mismatches, mismatches[:3]
     for t in specials:
