@@ -798,13 +798,16 @@ def runnable_vision_kinds() -> list[str]:
 def load(bundle: str | Path | Bundle, *, llm: str | None = None, vision: str | None = None,
          vision_kind: str | None = None, resampler: str = "auto", threads: int | None = None, n_ctx: int = 4096,
          exact: bool = False, image_cache_size: int = 32, verify: bool = True, hashes: HashCache | None = None,
-         eval_callback=None):
+         eval_callback=None, low_memory: bool = False, load_mode: str | None = None):
     """Load a bundle into a ready `MiniCPMV`. `llm`/`vision` pick a precision (default: the first of
     LLM_PREFERENCE / VISION_PREFERENCE present); `vision_kind` a vision file kind (default: the first of
     VISION_BACKENDS the bundle has and this machine runs); `resampler` is "auto", "native" or "numpy".
     With `verify` (the default) every file loaded is checked against its sha256 first (cached, see HashCache).
-    `eval_callback`: llama.cpp's graph callback for the decoder (quantize/imatrix.py collects statistics with it)."""
+    `eval_callback`: llama.cpp's graph callback for the decoder (quantize/imatrix.py collects statistics with it).
+    `load_mode` says how the LLM weights are held (runtime/memory.py; default: resident once for this CPU);
+    `low_memory` keeps them in evictable file pages and frees the vision session between requests."""
     from .decoder import Decoder
+    from .memory import resolve_load_mode
     from .resampler import load_resampler
     from .session import MiniCPMV
     from .vision import ResamplerInGraph
@@ -830,7 +833,8 @@ def load(bundle: str | Path | Bundle, *, llm: str | None = None, vision: str | N
     if hashes is not None:
         hashes.save()
     cfg = m.preprocess.config()
-    decoder = Decoder(llm_file, n_ctx=n_ctx, threads=threads, exact=exact, eval_callback=eval_callback)
+    decoder = Decoder(llm_file, n_ctx=n_ctx, threads=threads, exact=exact, eval_callback=eval_callback,
+                      load_mode=resolve_load_mode(load_mode, low_memory=low_memory))
     try:
         vis = backend.make(vis_file, threads, cfg)
         res = ResamplerInGraph(m.model.resampler.embed_dim) if res_file is None else \
@@ -839,7 +843,7 @@ def load(bundle: str | Path | Bundle, *, llm: str | None = None, vision: str | N
         decoder.close()
         raise
     model = MiniCPMV(facts=b.facts, decoder=decoder, vision=vis, resampler=res, prompt_format=m.prompt.format(),
-                     preprocess=cfg, image_cache_size=image_cache_size)
+                     preprocess=cfg, image_cache_size=image_cache_size, low_memory=low_memory)
     model.bundle, model.files = b, {"llm": llm_file, "vision": vis_file, "resampler": res_file}
     model.vision_kind = vision_kind
     return model

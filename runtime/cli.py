@@ -23,12 +23,15 @@ def _load_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--resampler", default="auto", choices=("auto", "native", "numpy"))
     ap.add_argument("--threads", type=int, help="CPU threads (default: 2)")
     ap.add_argument("--ctx", type=int, default=4096, help="context length in tokens")
+    ap.add_argument("--low-memory", action="store_true",
+                    help="keep the LLM weights in evictable file pages (mmap, no repacked copy: slower matmuls) and "
+                         "free the vision session between requests (reloaded per request)")
 
 
 def _load(args):
     from .bundle import load
     return load(args.bundle, llm=args.llm, vision=args.vision, vision_kind=args.vision_kind, resampler=args.resampler,
-                threads=args.threads, n_ctx=args.ctx, verify=not args.no_verify)
+                threads=args.threads, n_ctx=args.ctx, verify=not args.no_verify, low_memory=args.low_memory)
 
 
 def _gen_args(ap: argparse.ArgumentParser) -> None:

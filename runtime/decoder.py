@@ -29,6 +29,7 @@ import numpy as np
 from minicpmv_edge.errors import MiniCPMVEdgeError
 
 from . import llamacpp_log
+from .memory import resolve_load_mode
 
 GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
 STATE_SEQ_PARTIAL_ONLY = 1     # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY: only the recurrent (or SWA) part
@@ -96,11 +97,19 @@ class Sampler:
         self.constraint, self.end_id = constraint, end_id
         self.counts: dict[int, int] = {}          # tokens drawn so far (presence/frequency penalties)
         self.last_logprob: TokenLogprob | None = None
+        p = params
+        self._plain_greedy = (p.temperature == 0 and p.repetition_penalty == 1.0 and not p.presence_penalty
+                              and not p.frequency_penalty and not p.logit_bias and p.top_logprobs is None
+                              and constraint is None)
 
     def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
         if self.constraint is not None and self.constraint.finished:
             self.last_logprob = None
             return self.end_id
+        if self._plain_greedy:    # nothing changes the logits: argmax of llama.cpp's float32 row, no float64 copy
+            tok = int(np.argmax(logits))
+            self.counts[tok] = self.counts.get(tok, 0) + 1
+            return tok
         logits = self._process(np.array(logits, dtype=np.float64), history)
         tok = self._draw(logits)
         if self.p.top_logprobs is not None:
@@ -163,11 +172,12 @@ class Decoder:
     """One llama.cpp model + context (one sequence). Not thread-safe: callers serialise requests."""
 
     def __init__(self, gguf_path: str | Path, *, n_ctx: int = 4096, n_batch: int = 512, threads: int | None = None,
-                 exact: bool = False, eval_callback=None):
+                 exact: bool = False, eval_callback=None, load_mode: str | None = None):
         """exact=True keeps the KV cache in f32 and disables flash attention, so logits match a float32
         reference to ~1e-6 (the defaults round K/V to f16: ~1e-3). `eval_callback` (a
         `llama_cpp.ggml_backend_sched_eval_callback`, kept referenced by the caller) sees every graph tensor:
-        the importance-matrix collector (quantize/imatrix.py) reads matmul inputs through it."""
+        the importance-matrix collector (quantize/imatrix.py) reads matmul inputs through it. `load_mode`: how
+        the weights are held, one of memory.LOAD_MODES (default "auto": resident once, see runtime/memory.py)."""
         import llama_cpp
 
         self._lc = llama_cpp
@@ -176,7 +186,11 @@ class Decoder:
         path = Path(gguf_path)
         if not path.is_file():
             raise MiniCPMVEdgeError(f"{path}: file not found")
+        self.load_mode = resolve_load_mode(load_mode)
         mparams = llama_cpp.llama_model_default_params()
+        mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE if self.load_mode == "read" else \
+            llama_cpp.LLAMA_LOAD_MODE_MMAP
+        mparams.use_extra_bufts = self.load_mode != "mmap-norepack"
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:
             raise MiniCPMVEdgeError(llamacpp_log.explain(f"{path}: llama.cpp could not load this GGUF"))
@@ -211,6 +225,8 @@ class Decoder:
         self.recurrent = bool(llama_cpp.llama_model_is_recurrent(self.model)
                               or llama_cpp.llama_model_is_hybrid(self.model))
         self._snapshots: dict[int, bytes] = {}   # recurrent state after this many positions (recurrent only)
+        self._one = None                 # the decode loop's one-token batch (`_step_in_place`)
+        self.last_decode_steps = 0       # one-token decodes of the last `generate` (its answer tokens but the first)
 
     # ----- text
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
@@ -395,42 +411,64 @@ class Decoder:
                                all_outputs=all_outputs)
             self._keys.extend(keys[i:i + len(part)])
 
-    def logits(self) -> np.ndarray:
+    def _logits_view(self) -> np.ndarray:
+        """The last position's logits in llama.cpp's own buffer: valid until the next decode."""
         ptr = self._lc.llama_get_logits_ith(self.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def logits(self) -> np.ndarray:
+        return self._logits_view().copy()
+
+    def _step_in_place(self, token: int) -> np.ndarray:
+        """Append one token; the next logits as a view (`_logits_view`). The decode loop's step: one batch of one
+        token reused for every step (no allocation, no per-field loop), no copy of the vocabulary's logits."""
+        if len(self._keys) + 1 > self.n_ctx:
+            raise ContextOverflowError(f"the answer reached the end of the {self.n_ctx}-token context")
+        if self._one is None:
+            self._one = self._lc.llama_batch_init(1, 0, 1)
+            self._one.n_tokens, self._one.n_seq_id[0], self._one.seq_id[0][0], self._one.logits[0] = 1, 1, 0, 1
+        self._one.token[0] = token
+        self._one.pos[0] = len(self._keys)
+        rc = self._lc.llama_decode(self.ctx, self._one)
+        if rc != 0:
+            raise MiniCPMVEdgeError(llamacpp_log.explain(f"llama_decode failed (code {rc})"))
+        self._keys.append(("t", int(token)))
+        return self._logits_view()
 
     def step(self, token: int) -> np.ndarray:
         """Append one token and return the next logits."""
-        self._decode_batch(tokens=[token], want_logits=True)
-        self._keys.append(("t", int(token)))
-        return self.logits()
+        return self._step_in_place(token).copy()
 
     def generate(self, segments: Sequence[Segment], *, max_tokens: int, sampling: SamplingParams | None = None,
                  stop_ids: Sequence[int] = (), sampler: Sampler | None = None) -> Iterator[int]:
         """Prefill, then yield sampled token ids until a stop/end-of-generation token (not yielded) or
-        `max_tokens`. The KV cache then holds the prompt and the answer, ready for a follow-up. A caller that
-        wants the sampler's per-token logprobs or a grammar passes its own `sampler`."""
+        `max_tokens`. The KV cache then holds the prompt and the answer but its last token (and the stop token),
+        whose logits nobody reads: a follow-up that continues the conversation prefills them with its own tokens.
+        A caller that wants the sampler's per-token logprobs or a grammar passes its own `sampler`."""
         sampler = sampler or Sampler(sampling or SamplingParams())
         stops = set(int(s) for s in stop_ids)
         t0 = time.perf_counter()
-        logits = self.prefill(segments)
+        self.prefill(segments)
+        logits = self._logits_view()
         self.last_prefill_s = time.perf_counter() - t0
+        self.last_decode_steps = 0
         history = [k[1] for k in self._keys if k[0] == "t"]
-        for _ in range(max_tokens):
+        for n in range(max_tokens):
             tok = sampler(logits, history)
+            # a stop token is not decoded here: a follow-up prompt that continues after it prefills it then
             if tok in stops or self.is_eog(tok):
-                # keep the stop token in the cache: the next turn's prompt continues after it
-                if self.n_past < self.n_ctx:
-                    self._decode_batch(tokens=[tok], want_logits=False)
-                    self._keys.append(("t", tok))
                 return
             yield tok
+            if n + 1 == max_tokens:     # the last token allowed: nobody reads the logits after it
+                return
             history.append(tok)
-            if self.n_past + 1 > self.n_ctx:
-                raise ContextOverflowError(f"the answer reached the end of the {self.n_ctx}-token context")
-            logits = self.step(tok)
+            logits = self._step_in_place(tok)
+            self.last_decode_steps += 1
 
     def close(self) -> None:
+        if getattr(self, "_one", None) is not None:
+            self._lc.llama_batch_free(self._one)
+            self._one = None
         if getattr(self, "ctx", None):
             self._lc.llama_free(self.ctx)
             self.ctx = None

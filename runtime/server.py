@@ -4,6 +4,8 @@
     POST /v1/chat/completions   text, image and video parts (data: URLs; files / remote URLs only when enabled), SSE
     GET  /v1/models             <name> and, on models with a thinking mode, <name>-thinking
     POST /v1/describe           {"image", "preset_prompt" | "custom_prompt", "seed"} (WaveSpeed-style)
+    POST /v1/images             {"image", "max_slices"}: encode + prefill an image before the question; returns
+                                a handle for chat parts {"type": "image_handle", "image_handle": "img_..."}
     GET  /health
     GET  /                      a small page to try the model in a browser (runtime/page.html)
 
@@ -28,16 +30,18 @@ import random
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from minicpmv_edge.errors import MiniCPMVEdgeError
+from minicpmv_edge.facts import MAX_SLICE_NUMS
 
 from .decoder import ContextOverflowError
 from .openai_api import ChoiceStream, FieldError, OpenAIOptions, choice_message, grammar_for, parse_openai_fields
 from .openai_api import usage as _usage_of
-from .session import ChatResult, GenerationCancelled, MiniCPMV, StreamEvent, VideoInput
+from .session import ChatResult, GenerationCancelled, MiniCPMV, PreparedImage, StreamEvent, VideoInput
 from .sources import SourceError, SourcePolicy, read_source, short
 
 log = logging.getLogger("minicpmv_edge.server")
@@ -79,6 +83,7 @@ class ServerOptions:
     strict_model_name: bool = False        # False: any `model` is served by the one loaded model
     api_key: str | None = None             # set: every route but /health and / needs "Authorization: Bearer <key>"
     cors_origins: tuple[str, ...] = ()     # browser origins allowed to call (CORS is off when empty)
+    max_image_handles: int = 8             # prepared images kept (POST /v1/images); the least recently used goes
 
     def source_policy(self) -> SourcePolicy:
         return SourcePolicy(max_image_bytes=self.max_image_bytes, max_video_bytes=self.max_video_bytes,
@@ -206,6 +211,7 @@ def _stop(body: dict) -> list[str]:
 # The content part shapes we accept, and where each keeps its source.
 IMAGE_PARTS = {"image_url": "image_url", "input_image": "image_url", "image": "image"}
 VIDEO_PARTS = {"video": "video", "video_url": "video_url"}
+HANDLE_PART = "image_handle"          # {"type": "image_handle", "image_handle": "img_..."} from POST /v1/images
 
 
 def _messages(body: dict, opts: ServerOptions) -> list[dict[str, Any]]:
@@ -233,10 +239,13 @@ def _messages(body: dict, opts: ServerOptions) -> list[dict[str, Any]]:
             if kind == "text":
                 if not isinstance(part.get("text"), str):
                     raise ApiError(400, f"{at}.text must be a string", param=f"{at}.text")
-            elif kind in IMAGE_PARTS or kind in VIDEO_PARTS:
+            elif kind in IMAGE_PARTS or kind in VIDEO_PARTS or kind == HANDLE_PART:
                 if msg["role"] != "user":
                     raise ApiError(400, f"{at}: images and videos are only accepted in user messages", param=at)
-                if kind in IMAGE_PARTS:
+                if kind == HANDLE_PART and not isinstance(part.get(HANDLE_PART), str):
+                    raise ApiError(400, f"{at}.{HANDLE_PART} must be a string (an id from POST /v1/images)",
+                                   param=f"{at}.{HANDLE_PART}")
+                if kind in IMAGE_PARTS or kind == HANDLE_PART:
                     n_images += 1
                     if n_images > opts.max_images:
                         raise ApiError(400, f"at most {opts.max_images} images per request", param=at)
@@ -251,7 +260,7 @@ def _messages(body: dict, opts: ServerOptions) -> list[dict[str, Any]]:
                         raise ApiError(400, f"at most {opts.max_frames} video frames per request", param=at)
             else:
                 raise ApiError(400, f"{at}.type {short(kind, 30)} is not supported (text, image_url, input_image, "
-                               "image, video, video_url)", param=f"{at}.type")
+                               "image, image_handle, video, video_url)", param=f"{at}.type")
     return messages
 
 
@@ -305,8 +314,32 @@ async def _video(part: dict, at: str, key: str, policy: SourcePolicy) -> VideoIn
     return VideoInput(source, float(fps), packing)
 
 
-async def resolve_messages(messages: list[dict[str, Any]], policy: SourcePolicy) -> list[dict[str, Any]]:
-    """Checked request messages -> runtime messages whose images and videos are bytes."""
+class ImageHandles:
+    """Prepared images by handle id, the `limit` most recently used (each holds its slices' embeddings: a few MB)."""
+
+    def __init__(self, limit: int):
+        self.limit = max(int(limit), 0)
+        self._items: OrderedDict[str, PreparedImage] = OrderedDict()
+
+    def add(self, prepared: PreparedImage) -> str:
+        handle = f"img_{uuid.uuid4().hex[:24]}"
+        self._items[handle] = prepared
+        while len(self._items) > self.limit:
+            self._items.popitem(last=False)
+        return handle
+
+    def get(self, handle: str, at: str) -> PreparedImage:
+        prepared = self._items.get(handle)
+        if prepared is None:
+            raise ApiError(400, f"{at}: unknown image handle {short(handle, 40)} (never created, or one of more than "
+                           f"{self.limit} and dropped; POST /v1/images makes one)", param=at, code="unknown_image_handle")
+        self._items.move_to_end(handle)
+        return prepared
+
+
+async def resolve_messages(messages: list[dict[str, Any]], policy: SourcePolicy,
+                           handles: ImageHandles | None = None) -> list[dict[str, Any]]:
+    """Checked request messages -> runtime messages whose images and videos are bytes (or prepared images)."""
     out = []
     for i, msg in enumerate(messages):
         content = msg.get("content")
@@ -321,6 +354,11 @@ async def resolve_messages(messages: list[dict[str, Any]], policy: SourcePolicy)
                             _source_value(part, key), f"{at}.{key}", "image", policy)})
                     elif kind in VIDEO_PARTS:
                         parts.append(await _video(part, at, VIDEO_PARTS[kind], policy))
+                    elif kind == HANDLE_PART:
+                        where = f"{at}.{HANDLE_PART}"
+                        if handles is None:
+                            raise ApiError(400, f"{where}: image handles are not available here", param=where)
+                        parts.append({"type": "image", "image": handles.get(part[HANDLE_PART], where)})
                     else:
                         parts.append({"type": "text", "text": part["text"]})
                 except SourceError as exc:
@@ -466,6 +504,7 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
     opts = opts or ServerOptions()
     policy = opts.source_policy()
     worker = Worker(model, opts.max_queue)
+    handles = ImageHandles(opts.max_image_handles)
     thinking_available = bool(model.facts.thinking)
 
     @contextlib.asynccontextmanager
@@ -609,7 +648,10 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
     async def _submit(messages, req: ChatRequest, request: Request, api: OpenAIOptions | None = None):
         """Queue the job and wait for its first event, so errors before the answer (a bad image, an overflow,
         a bad schema) get their own status, streaming or not."""
-        job = _Job(_runner(messages, req, api), asyncio.get_running_loop())
+        return await _queue(_runner(messages, req, api), request)
+
+    async def _queue(run, request: Request):
+        job = _Job(run, asyncio.get_running_loop())
         worker.submit(job, opts.retry_after_s)
         events = _events(job, request)
         try:
@@ -644,7 +686,7 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
             req.thinking = api.enable_thinking
         if req.thinking and not thinking_available:
             raise ApiError(400, "this model has no thinking mode", param="model")
-        messages = await resolve_messages(req.messages, policy)
+        messages = await resolve_messages(req.messages, policy, handles)
         _job, first, events = await _submit(messages, req, request, api)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         token_bytes = model.decoder.token_bytes
@@ -686,6 +728,30 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
             yield "data: [DONE]\n\n"
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/images")
+    async def images(request: Request):
+        """Encode an image and prefill the prompt up to it now; answer with a handle for later chat messages."""
+        body = await _json_body(request)
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        image = _field(body, "image", (str, dict), required=True)
+        max_slices = _int(body, "max_slices", 1, MAX_SLICE_NUMS, None)
+        try:
+            data = await read_source(_source_value(body, "image"), "image", "image", policy)
+        except SourceError as exc:
+            raise ApiError(exc.status, exc.message, param="image") from None
+        del image
+
+        def run(_cancel: threading.Event):
+            estimate = model.image_tokens(data, max_slices=max_slices)    # from the header, before encoding
+            yield estimate, model.prepare_image(data, max_slices=max_slices)
+        _job, (estimate, prepared), events = await _queue(run, request)
+        await events.aclose()
+        handle = handles.add(prepared)
+        return {"id": handle, "object": "image", "estimated_image_tokens": estimate,
+                "image_tokens": prepared.image_tokens, "slices": prepared.slices,
+                "prefilled_tokens": prepared.prefilled_tokens, "timings": prepared.timings.as_dict()}
 
     @app.post("/v1/describe")
     async def describe(request: Request):

@@ -65,7 +65,8 @@ class Timings:
     prompt_tokens: int = 0
     prefilled_tokens: int = 0        # positions actually computed (the rest came from the KV cache)
     completion_tokens: int = 0
-    slices: int = 0
+    decode_steps: int = 0            # one-token llama.cpp decodes after the first token (the one that drew the stop
+    slices: int = 0                  # token included): what decode_tok_s counts, as llama.cpp's own figure does
     image_cache_hits: int = 0
     video_decode: float = 0.0
     video_frames: int = 0
@@ -73,7 +74,7 @@ class Timings:
 
     @property
     def decode_tok_s(self) -> float:
-        n = self.completion_tokens - 1
+        n = self.decode_steps or self.completion_tokens - 1
         return n / self.decode if n > 0 and self.decode > 0 else 0.0
 
     def as_dict(self) -> dict[str, float]:
@@ -115,6 +116,24 @@ class _Encoded:
     key: str
     is_video: bool = False
     geometry: ImageGeometry | None = None   # stored size + EXIF orientation, to put boxes back on the image
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedImage:
+    """An image encoded before the question (`MiniCPMV.prepare_image`). Put it in a user message where an image
+    goes (first in the message, as apps do): its slices are not encoded again, and the prompt up to the end of
+    the image is already in the KV cache unless another conversation ran since (then it is prefilled again, still
+    without the ViT). It keeps the slicing it was prepared with (`max_slices` of a later call does not apply)."""
+    grid: tuple[int, int] | None     # the slice grid, as the placeholder spells it
+    encoded: _Encoded
+    max_slices: int
+    image_tokens: int                # prompt positions its placeholder takes (the first image of a prompt)
+    prefilled_tokens: int            # prompt positions `prepare_image` computed (1: the KV cache had them)
+    timings: Timings
+
+    @property
+    def slices(self) -> int:
+        return len(self.encoded.blocks)
 
 
 @dataclass(frozen=True)
@@ -244,8 +263,10 @@ class MiniCPMV:
 
     def __init__(self, *, facts: ModelFacts, decoder: Decoder, vision: VisionBackend, resampler: Resampler,
                  prompt_format: PromptFormat, preprocess: PreprocessConfig, image_cache_size: int = 32,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, low_memory: bool = False):
+        """`low_memory`: the vision backend's session is freed after each call's images (reloaded when needed)."""
         self.facts, self.decoder, self.vision, self.resampler = facts, decoder, vision, resampler
+        self.low_memory = low_memory
         self.prompt_format, self.preprocess_config = prompt_format, preprocess
         self.max_pixels = max_pixels
         self._cache: OrderedDict[str, _Encoded] = OrderedDict()
@@ -287,6 +308,8 @@ class MiniCPMV:
         return grid, len(shapes)
 
     def _plan_image(self, source: Any, max_slices: int, index: int) -> _Planned:
+        if isinstance(source, PreparedImage):
+            return _Planned(source, image_text(source.grid, index, self.prompt_format), source.slices, 1)
         head = read_image_header(source, max_pixels=self.max_pixels, name=f"image {index + 1}")
         grid, n = self._check_slices(head.source, head.size, max_slices)
         return _Planned(head, image_text(grid, index, self.prompt_format), n, 1)
@@ -345,7 +368,10 @@ class MiniCPMV:
         return plans
 
     # ----- the expensive part: decode, slice, ViT, resampler
-    def _encode_image(self, head: ImageHeader, max_slices: int, t: Timings, should_stop) -> _Encoded:
+    def _encode_image(self, head: ImageHeader | PreparedImage, max_slices: int, t: Timings, should_stop) -> _Encoded:
+        if isinstance(head, PreparedImage):
+            t.image_cache_hits += 1
+            return head.encoded
         cfg = self.preprocess_config
         t0 = time.perf_counter()
         loaded: LoadedImage = load_image(head, max_pixels=self.max_pixels)
@@ -525,9 +551,7 @@ class MiniCPMV:
         """`prepare`, plus the geometry of each image in order (videos left out) for the grounding boxes."""
         if thinking and not self.facts.thinking:
             raise MiniCPMVEdgeError(f"MiniCPM-V {self.facts.version} has no thinking mode")
-        slices = self.preprocess_config.max_slice_nums if max_slices is None else int(max_slices)
-        if not 1 <= slices <= MAX_SLICE_NUMS:
-            raise MiniCPMVEdgeError(f"max_slices must be between 1 and {MAX_SLICE_NUMS}, got {slices}")
+        slices = self._slices(max_slices)
         t = timings if timings is not None else Timings()
         req = normalize_messages(messages)
         n_ctx = self.decoder.n_ctx
@@ -541,10 +565,67 @@ class MiniCPMV:
             raise ContextOverflowError(f"the prompt needs {len(ids)} positions ({len(spans)} image blocks of "
                                        f"{self.prompt_format.query_num}) but the context holds {n_ctx} (raise n_ctx, "
                                        "use fewer slices, images or frames, or shorten the text)")
-        encoded = [self._encode_video(p, t, should_stop) if isinstance(p.source, VideoInput)
-                   else self._encode_image(p.source, slices, t, should_stop) for p in plans]
+        try:
+            encoded = [self._encode_video(p, t, should_stop) if isinstance(p.source, VideoInput)
+                       else self._encode_image(p.source, slices, t, should_stop) for p in plans]
+        finally:
+            self._release_vision()
         t.prompt_tokens = len(ids)
         return self._segments(ids, spans, encoded), [e.geometry for e in encoded if e.geometry is not None]
+
+    def _release_vision(self) -> None:
+        if self.low_memory and hasattr(self.vision, "release"):
+            self.vision.release()
+
+    def _slices(self, max_slices: int | None) -> int:
+        slices = self.preprocess_config.max_slice_nums if max_slices is None else int(max_slices)
+        if not 1 <= slices <= MAX_SLICE_NUMS:
+            raise MiniCPMVEdgeError(f"max_slices must be between 1 and {MAX_SLICE_NUMS}, got {slices}")
+        return slices
+
+    # ----- prepare ahead: the image before the question
+    def image_tokens(self, image: Any, *, max_slices: int | None = None) -> int:
+        """Prompt positions `image` will take (as the first image of a prompt), from its header alone: nothing is
+        decoded or encoded. The same count `prepare_image` reports after encoding."""
+        return self._placeholder_positions(self._plan_image(image, self._slices(max_slices), 0).placeholder)
+
+    def _placeholder_positions(self, placeholder: str) -> int:
+        fmt = self.prompt_format
+        specials = [*fmt.special_tokens.values(), *(t for t in (fmt.bos_token, fmt.eos_token) if t)]
+        ids, _ = tokenize_prompt(IMAGE_TAG, [placeholder], specials,
+                                 lambda s: self.decoder.tokenize(s, parse_special=False), self._special_id)
+        return len(ids)
+
+    def prepare_image(self, image: Any, *, max_slices: int | None = None, thinking: bool = False,
+                      system: str | None = None) -> PreparedImage:
+        """Encode `image` and prefill the prompt up to the end of it while the user is still typing: a later
+        `chat` whose user message starts with the returned PreparedImage (after the same `system` message, if
+        any) then prefills only the question. Greedy answers are the tokens of a cold run."""
+        slices = self._slices(max_slices)
+        t = Timings()
+        t0 = time.perf_counter()
+        planned = self._plan_image(image, slices, 0)
+        try:
+            encoded = self._encode_image(planned.source, slices, t, None)
+        finally:
+            self._release_vision()
+        grid = encoded.grid if isinstance(image, PreparedImage) else \
+            self._check_slices(planned.source.source, planned.source.size, slices)[0]
+        n_tokens = self._placeholder_positions(planned.placeholder)
+        # the prompt of a question about this image; its segments through the image's last block do not depend
+        # on the question and are decoded in the same batches a cold run decodes them in
+        draft = PreparedImage(grid, encoded, slices, n_tokens, 0, t)
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+            [{"role": "user", "content": [draft, "?"]}]
+        segments = self.prepare(messages, thinking=thinking, max_slices=slices)
+        last_block = max(i for i, seg in enumerate(segments) if isinstance(seg, Embeddings))
+        t1 = time.perf_counter()
+        self.decoder.prefill(segments[:last_block + 1])
+        t.prefill = time.perf_counter() - t1
+        t.prefilled_tokens = self.decoder.last_prefill_positions
+        t.prompt_tokens = self.decoder.n_past
+        t.first_token = time.perf_counter() - t0      # here: the whole preparation
+        return replace(draft, prefilled_tokens=t.prefilled_tokens)
 
     def _run(self, messages, *, thinking, seed, max_tokens, max_slices, sampling,
              should_stop=None, tools=None, grammar=None) -> Iterator[StreamEvent]:
@@ -610,6 +691,7 @@ class MiniCPMV:
             t.first_token = t_end - t_start
         t.prefill = self.decoder.last_prefill_s
         t.prefilled_tokens = self.decoder.last_prefill_positions
+        t.decode_steps = self.decoder.last_decode_steps
         tail = utf8.flush()
         if tail or pending:
             parts[in_reasoning].append(tail)

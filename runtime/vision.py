@@ -64,10 +64,8 @@ class OnnxVision:
             providers = ["CPUExecutionProvider"]
             if sys.platform == "darwin" and "CoreMLExecutionProvider" in ort.get_available_providers():
                 providers.insert(0, "CoreMLExecutionProvider")
-        try:
-            self.session = ort.InferenceSession(str(path), so, providers=providers)
-        except Exception as exc:   # onnxruntime raises its own exception types
-            raise MiniCPMVEdgeError(f"{path}: onnxruntime could not load this model ({exc})") from None
+        self._path, self._options, self._providers = path, so, providers
+        self.session = self._open()
         inputs = {i.name for i in self.session.get_inputs()}
         need = {VisionIO.PIXEL_VALUES.value, VisionIO.POSITION_IDS.value}
         if not need <= inputs:
@@ -77,7 +75,21 @@ class OnnxVision:
         self.position_rule = position_rule
         self.name = f"onnxruntime:{path.name}"
 
+    def _open(self):
+        import onnxruntime as ort
+        try:
+            return ort.InferenceSession(str(self._path), self._options, providers=self._providers)
+        except Exception as exc:   # onnxruntime raises its own exception types
+            raise MiniCPMVEdgeError(f"{self._path}: onnxruntime could not load this model ({exc})") from None
+
+    def release(self) -> None:
+        """Free the session (its weights, arena and threads) until the next `encode` loads it again: low-memory
+        mode calls this after each request's images, trading a reload per image for the memory in between."""
+        self.session = None
+
     def encode(self, s: Slice) -> np.ndarray:
+        if self.session is None:
+            self.session = self._open()
         out = self.session.run([self.output], slice_inputs(s, self.n_side, self.position_rule))[0]
         return out.reshape(-1, out.shape[-1])
 
