@@ -807,7 +807,7 @@ def load(bundle: str | Path | Bundle, *, llm: str | None = None, vision: str | N
     `load_mode` says how the LLM weights are held (runtime/memory.py; default: resident once for this CPU);
     `low_memory` keeps them in evictable file pages and frees the vision session between requests."""
     from .decoder import Decoder
-    from .memory import resolve_load_mode
+    from .memory import default_threads, resolve_load_mode
     from .resampler import load_resampler
     from .session import MiniCPMV
     from .vision import ResamplerInGraph
@@ -838,7 +838,8 @@ def load(bundle: str | Path | Bundle, *, llm: str | None = None, vision: str | N
     try:
         vis = backend.make(vis_file, threads, cfg)
         res = ResamplerInGraph(m.model.resampler.embed_dim) if res_file is None else \
-            load_resampler(res_file, backend=resampler, threads=threads or 2, expect_embed_dim=decoder.n_embd)
+            load_resampler(res_file, backend=resampler, threads=threads or default_threads(),
+                           expect_embed_dim=decoder.n_embd)
     except Exception:
         decoder.close()
         raise

@@ -21,7 +21,7 @@ def _load_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-verify", action="store_true",
                     help="skip the sha256 check of the files loaded (checked once per file version, then cached)")
     ap.add_argument("--resampler", default="auto", choices=("auto", "native", "numpy"))
-    ap.add_argument("--threads", type=int, help="CPU threads (default: 2)")
+    ap.add_argument("--threads", type=int, help="CPU threads (default: the physical cores this process may use)")
     ap.add_argument("--ctx", type=int, default=4096, help="context length in tokens")
     ap.add_argument("--low-memory", action="store_true",
                     help="keep the LLM weights in evictable file pages (mmap, no repacked copy: slower matmuls) and "

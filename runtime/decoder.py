@@ -29,7 +29,7 @@ import numpy as np
 from minicpmv_edge.errors import MiniCPMVEdgeError
 
 from . import llamacpp_log
-from .memory import resolve_load_mode
+from .memory import default_threads, resolve_load_mode
 
 GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
 STATE_SEQ_PARTIAL_ONLY = 1     # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY: only the recurrent (or SWA) part
@@ -197,7 +197,7 @@ class Decoder:
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
         cparams.n_batch = cparams.n_ubatch = n_batch
-        threads = threads or 2
+        threads = threads or default_threads()
         cparams.n_threads = cparams.n_threads_batch = threads
         if exact:
             cparams.type_k = cparams.type_v = GGML_TYPE_F32

@@ -1,4 +1,5 @@
-"""Memory of this process (RSS, peak, anonymous vs file pages) and how the LLM weights are loaded.
+"""Memory of this process (RSS, peak, anonymous vs file pages), how the LLM weights are loaded, and how many
+threads to compute with by default.
 
 How llama.cpp holds a GGUF's weights decides whether they are resident once or twice:
 - mmap (llama.cpp's usual default): the file is mapped. Where the CPU backend *repacks* weights for its
@@ -16,6 +17,8 @@ the readers return None.
 """
 from __future__ import annotations
 
+import ctypes
+import os
 import platform
 import sys
 from pathlib import Path
@@ -64,6 +67,16 @@ def reset_peak() -> bool:
         return False
 
 
+def return_freed_heap() -> None:
+    """Hand memory the C heap has freed back to the system (glibc keeps it otherwise: freeing a 440 MB ONNX session
+    lowered RSS by 285 MB without this); a no-op elsewhere."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):     # not glibc (musl, Android's bionic)
+            pass
+
+
 def _cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -100,3 +113,20 @@ def resolve_load_mode(mode: str | None = None, *, low_memory: bool = False) -> s
         return "mmap-norepack"
     # macOS: Metal maps the same file pages for the GPU (unified memory), so mmap holds them once
     return "read" if sys.platform != "darwin" and llama_repacks_weights() else "mmap"
+
+
+def default_threads() -> int:
+    """Physical cores this process may run on (SMT siblings counted once), as llama.cpp's own default: more
+    threads than cores only make llama.cpp's barrier-synchronised workers wait for each other."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:                          # macOS, Windows
+        return max((os.cpu_count() or 2) // 2, 1) if platform.machine().lower() in ("x86_64", "amd64") \
+            else os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(len(cores), 1)

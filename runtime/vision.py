@@ -20,6 +20,7 @@ import numpy as np
 
 from minicpmv_edge.errors import MiniCPMVEdgeError
 
+from .memory import return_freed_heap
 from .preprocess import Slice
 
 
@@ -60,6 +61,7 @@ class OnnxVision:
         so.log_severity_level = 3
         # ORT's worker threads spin-wait after each run by default, stealing the cores llama.cpp needs next
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if providers is None:
             providers = ["CPUExecutionProvider"]
             if sys.platform == "darwin" and "CoreMLExecutionProvider" in ort.get_available_providers():
@@ -86,6 +88,7 @@ class OnnxVision:
         """Free the session (its weights, arena and threads) until the next `encode` loads it again: low-memory
         mode calls this after each request's images, trading a reload per image for the memory in between."""
         self.session = None
+        return_freed_heap()
 
     def encode(self, s: Slice) -> np.ndarray:
         if self.session is None:
