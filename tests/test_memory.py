@@ -48,8 +48,10 @@ def test_load_mode_per_platform():
 
 _LOAD_ONE = """
 import json, sys
+import llama_cpp
 from minicpmv_edge.runtime import memory
 from minicpmv_edge.runtime.decoder import Decoder
+llama_cpp.llama_backend_init()
 before = memory.memory_status()
 dec = Decoder(sys.argv[1], n_ctx=256, load_mode=sys.argv[2])
 after = memory.memory_status()
@@ -60,7 +62,8 @@ print(json.dumps({"mode": dec.load_mode, "file": after["file"] - before["file"],
 @linux_only
 def test_weights_are_read_or_mapped_as_the_load_mode_says(tiny_bundle):
     """"read": the GGUF is copied into llama.cpp's buffers (anonymous memory), no file pages stay mapped; "mmap":
-    the file pages are mapped (resident file memory grows by about the file). Each load in its own process."""
+    the file pages are mapped (resident file memory grows by about the file). Each load in its own process; the
+    two are compared with each other, so llama.cpp's own code pages (a few MB of file memory) cancel out."""
     gguf = next(Path(tiny_bundle("4.5")).glob("*F32*.gguf"))
     size = gguf.stat().st_size
     got = {}
@@ -72,8 +75,8 @@ def test_weights_are_read_or_mapped_as_the_load_mode_says(tiny_bundle):
     print(f"\n{gguf.name} ({size / 2 ** 20:.1f} MiB): " + ", ".join(
         f"{m}: file +{g['file'] / 2 ** 20:.1f} MiB, anon +{g['anon'] / 2 ** 20:.1f} MiB" for m, g in got.items()))
     assert got["read"]["mode"] == "read" and got["mmap"]["mode"] == "mmap"
-    assert got["mmap"]["file"] >= 0.8 * size and got["read"]["file"] < 0.2 * size
-    assert got["read"]["anon"] >= 0.8 * size
+    assert got["mmap"]["file"] - got["read"]["file"] >= 0.8 * size
+    assert got["read"]["anon"] - got["mmap"]["anon"] >= 0.8 * size
 
 
 def test_low_memory_frees_the_vision_session_and_answers_the_same(tiny_bundle):
