@@ -735,13 +735,12 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
         body = await _json_body(request)
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
-        image = _field(body, "image", (str, dict), required=True)
+        _field(body, "image", (str, dict), required=True)       # a source string, or {"url": ...}
         max_slices = _int(body, "max_slices", 1, MAX_SLICE_NUMS, None)
         try:
             data = await read_source(_source_value(body, "image"), "image", "image", policy)
         except SourceError as exc:
             raise ApiError(exc.status, exc.message, param="image") from None
-        del image
 
         def run(_cancel: threading.Event):
             estimate = model.image_tokens(data, max_slices=max_slices)    # from the header, before encoding

@@ -600,7 +600,9 @@ class MiniCPMV:
                       system: str | None = None) -> PreparedImage:
         """Encode `image` and prefill the prompt up to the end of it while the user is still typing: a later
         `chat` whose user message starts with the returned PreparedImage (after the same `system` message, if
-        any) then prefills only the question. Greedy answers are the tokens of a cold run."""
+        any) then prefills only the question. Greedy answers are the tokens of a cold run (checked on 2.6-4.5;
+        a recurrent model such as 4.6 decodes the image's last row on its own here, for its state snapshot, so
+        its logits may differ from a cold run's in the last bits)."""
         slices = self._slices(max_slices)
         t = Timings()
         t0 = time.perf_counter()
@@ -609,7 +611,7 @@ class MiniCPMV:
             encoded = self._encode_image(planned.source, slices, t, None)
         finally:
             self._release_vision()
-        grid = encoded.grid if isinstance(image, PreparedImage) else \
+        grid = image.grid if isinstance(image, PreparedImage) else \
             self._check_slices(planned.source.source, planned.source.size, slices)[0]
         n_tokens = self._placeholder_positions(planned.placeholder)
         # the prompt of a question about this image; its segments through the image's last block do not depend
