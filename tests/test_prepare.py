@@ -27,12 +27,28 @@ def _ask(model, image, question=QUESTION):
 
 
 def test_prepared_image_then_question_gives_the_cold_tokens_without_vision(model):
+    _check_prepared_equals_cold(model)
+
+
+def test_prepared_image_on_2_6_with_a_system_message(tiny_bundle):
+    m = minicpmv_edge.load(tiny_bundle("2.6"), llm="Q4_K_M")
+    try:
+        _check_prepared_equals_cold(m, system="You are terse.")
+    finally:
+        m.close()
+
+
+def _check_prepared_equals_cold(model, system=None):
     image, other = demo_image(600), demo_image(448).rotate(90)
+    head = [{"role": "system", "content": system}] if system else []
+
+    def _ask(model, image, question=QUESTION):
+        return model.chat(head + [{"role": "user", "content": [image, question]}], greedy=True, max_tokens=24)
     model.forget()
     cold = _ask(model, image)
     model.forget()
     estimate = model.image_tokens(image)
-    prepared = model.prepare_image(image)
+    prepared = model.prepare_image(image, system=system)
     assert prepared.timings.slices == prepared.slices > 1 and prepared.timings.vision > 0
     assert prepared.image_tokens == estimate
     kv_after_prepare = model.decoder.n_past
