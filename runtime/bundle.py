@@ -321,7 +321,7 @@ class ModelSection(Section):
     version: str = spec(choices=SUPPORTED_VERSIONS)
     llm: LLMSection = spec()
     vision: VisionSection = spec()
-    resampler: ResamplerSection = spec()
+    resampler: ResamplerSection | None = spec(None)    # None: no resampler (4.6's merger graphs end in embeddings)
     hf_repo: str | None = spec(None, max_len=255)
     llm_arch: str | None = spec(None, max_len=64)
     mmproj_version: int | None = spec(None, lo=0, hi=1000)
@@ -334,6 +334,12 @@ class ModelSection(Section):
         return MODEL_FACTS[self.version]
 
     def check(self, where: Where) -> None:
+        merges = bool(self.facts.downsample_modes)     # the version merges patches instead of resampling
+        if (self.resampler is None) != merges:
+            raise (where / "resampler").error(
+                f"MiniCPM-V {self.version} {'has no' if merges else 'needs a'} resampler section ({REEXPORT})")
+        if self.resampler is None:
+            return
         if self.resampler.kv_dim != self.vision.hidden_size:
             raise (where / "resampler" / "kv_dim").error(
                 f"{self.resampler.kv_dim} differs from model.vision.hidden_size {self.vision.hidden_size}")
@@ -517,7 +523,7 @@ class Manifest(Section):
         for f in ("patch_size", "num_patches_per_side"):
             if getattr(pre, f) != getattr(v, f):
                 raise (where / "preprocess" / f).error(f"{getattr(pre, f)} differs from model.vision.{f} {getattr(v, f)}")
-        if prompt.query_num != self.model.resampler.query_num:
+        if self.model.resampler is not None and prompt.query_num != self.model.resampler.query_num:
             raise (where / "prompt" / "query_num").error(
                 f"{prompt.query_num} differs from model.resampler.query_num {self.model.resampler.query_num}")
         if not self.files:
