@@ -29,7 +29,7 @@ import stat
 import sys
 import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
@@ -773,7 +773,8 @@ def check_chat_template(prompt: PromptSection, where: Where) -> None:
 
 def _onnx_backend(f: Path, threads: int | None, cfg) -> Any:
     from .vision import OnnxVision
-    return OnnxVision(f, threads=threads, num_patches_per_side=cfg.num_patches_per_side)
+    return OnnxVision(f, threads=threads, num_patches_per_side=cfg.num_patches_per_side,
+                      position_rule=cfg.position_rule)
 
 
 def _coreml_backend(f: Path, threads: int | None, cfg) -> Any:
@@ -785,8 +786,9 @@ def _coreml_backend(f: Path, threads: int | None, cfg) -> Any:
 class VisionBackendInfo:
     name: str
     make: Callable[[Path, int | None, Any], Any]
-    includes_resampler: bool = False      # the graph ends in the resampler: no resampler weights needed
+    includes_resampler: bool = False      # the graph ends in LLM embeddings: no resampler weights needed
     platforms: tuple[str, ...] | None = None
+    downsample_mode: str | None = None    # 4.6 merger graphs: the mode the graph runs (one file kind per mode)
 
 
 # FileKind -> the backend that runs it (load picks the first kind present that this machine can run)
@@ -794,11 +796,30 @@ VISION_BACKENDS: dict[str, VisionBackendInfo] = {
     FileKind.VISION_ONNX: VisionBackendInfo("onnx", _onnx_backend),
     FileKind.VISION_RESAMPLER_ONNX: VisionBackendInfo("onnx-fused", _onnx_backend, includes_resampler=True),
     FileKind.VISION_COREML: VisionBackendInfo("coreml", _coreml_backend, platforms=("darwin",)),
+    FileKind.VISION_MERGER_16X_ONNX: VisionBackendInfo("onnx-merger", _onnx_backend, includes_resampler=True,
+                                                       downsample_mode="16x"),
+    FileKind.VISION_MERGER_4X_ONNX: VisionBackendInfo("onnx-merger", _onnx_backend, includes_resampler=True,
+                                                      downsample_mode="4x"),
 }
 
 
 def runnable_vision_kinds() -> list[str]:
     return [k for k, b in VISION_BACKENDS.items() if b.platforms is None or sys.platform in b.platforms]
+
+
+def _other_mode_loaders(b: Bundle, main: Path, threads: int | None, cfg, hashes: HashCache | None
+                        ) -> dict[str, Callable[[], Any]]:
+    """4.6: a loader for each other downsample mode's graph in the bundle (run on that mode's first request),
+    in the main vision file's precision where the bundle has it."""
+    precision = next(f.precision for f in b.files if f.path == main or b.root / f.rel == main)
+    loaders = {}
+    for kind, info in VISION_BACKENDS.items():
+        if info.downsample_mode in (None, b.facts.default_downsample_mode) or not any(f.kind == kind for f in b.files):
+            continue
+        same = [f for f in b.files if f.kind == kind and f.precision == precision]
+        pick = same[0] if same else b.choose(kind, None, VISION_PREFERENCE)
+        loaders[info.downsample_mode] = lambda f=pick, make=info.make: make(b.check_present(f, hashes), threads, cfg)
+    return loaders
 
 
 def load(bundle: str | Path | Bundle, *, llm: str | None = None, vision: str | None = None,
@@ -818,9 +839,12 @@ def load(bundle: str | Path | Bundle, *, llm: str | None = None, vision: str | N
     b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     m = b.manifest
     hashes = (hashes or HashCache()) if verify else None
+    default_mode = b.facts.default_downsample_mode
     if vision_kind is None:
         have = {f.kind for f in b.files}
-        kinds = [k for k in runnable_vision_kinds() if k in have]
+        # a 4.6 session runs its default mode's graph unless asked otherwise
+        kinds = sorted((k for k in runnable_vision_kinds() if k in have),
+                       key=lambda k: VISION_BACKENDS[k].downsample_mode not in (None, default_mode))
         if not kinds:
             listed = ", ".join(sorted(have & set(VISION_BACKENDS))) or "none"
             raise BundleError(b.root, f"no vision file this machine can run (the bundle has: {listed}; runnable "
@@ -835,17 +859,22 @@ def load(bundle: str | Path | Bundle, *, llm: str | None = None, vision: str | N
         b.check_present(b.choose(FileKind.RESAMPLER_WEIGHTS, None, RESAMPLER_PREFERENCE), hashes)
     if hashes is not None:
         hashes.save()
-    cfg = m.preprocess.config()
+    if backend.downsample_mode not in (None, default_mode):
+        raise BundleError(b.root, f"{vision_kind}: runs downsample mode {backend.downsample_mode}, but a session's "
+                          f"main vision graph must run the default mode {default_mode}")
+    cfg = replace(m.preprocess.config(), position_rule=b.facts.vision_position_ids)
+    other_modes = _other_mode_loaders(b, vis_file, threads, cfg, hashes)
     decoder = Decoder(llm_file, n_ctx=n_ctx, threads=threads, exact=exact, eval_callback=eval_callback)
     try:
         vis = backend.make(vis_file, threads, cfg)
-        res = ResamplerInGraph(m.model.resampler.embed_dim) if res_file is None else \
+        embed_dim = m.model.resampler.embed_dim if m.model.resampler is not None else m.model.llm.hidden_size
+        res = ResamplerInGraph(embed_dim) if res_file is None else \
             load_resampler(res_file, backend=resampler, threads=threads or 2, expect_embed_dim=decoder.n_embd)
     except Exception:
         decoder.close()
         raise
     model = MiniCPMV(facts=b.facts, decoder=decoder, vision=vis, resampler=res, prompt_format=m.prompt.format(),
-                     preprocess=cfg, image_cache_size=image_cache_size)
+                     preprocess=cfg, image_cache_size=image_cache_size, vision_modes=other_modes)
     model.bundle, model.files = b, {"llm": llm_file, "vision": vis_file, "resampler": res_file}
     model.vision_kind = vision_kind
     return model
