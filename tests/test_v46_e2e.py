@@ -1,0 +1,103 @@
+"""MiniCPM-V 4.6 end to end: a bundle exported from the tiny synthetic checkpoint (F32 GGUF, fp32 merger ONNX),
+run by our runtime, against transformers' own `MiniCPMV4_6ForConditionalGeneration.generate` fed by transformers'
+own `MiniCPMV4_6Processor` (never our torch code). Greedy tokens must be identical, 32 of them, for: one
+1000x700 image (max_slice_nums 9), two images, a second turn on the warm session, the same image in 4x mode,
+and thinking on. Plus llama.cpp's mtmd on the bundle's minicpmv4_6 mmproj."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+transformers = pytest.importorskip("transformers.models.minicpmv4_6")
+import v46_reference  # noqa: E402
+
+N_NEW = 32
+QUESTION = "What is in this picture?"
+
+
+def _image(w: int, h: int, seed: int) -> Image.Image:
+    """Structured pixels (gradients + blocks + noise), so every slice differs from its neighbours."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack([x * 255 / w, y * 255 / h, ((x // 37 + y // 53) % 2) * 200], -1) + rng.normal(0, 20, (h, w, 3))
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def model46(tiny_bundle):
+    from minicpmv_edge.runtime.bundle import load
+    model = load(tiny_bundle("4.6"), llm="F32", vision="fp32")
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def hf46(tiny_checkpoint):
+    import torch
+    folder = tiny_checkpoint("4.6")
+    model = transformers.MiniCPMV4_6ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, v46_reference.processor(folder)
+
+
+def _ours(messages, images):
+    """Our messages: each image part carries its PIL image."""
+    it = iter(images)
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [{"type": "image", "image": next(it)} if p["type"] == "image" else p for p in content]
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def _hf_greedy(hf46, messages, images, mode: str, thinking: bool) -> tuple[int, list[int]]:
+    import torch
+    model, proc = hf46
+    text = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, enable_thinking=thinking)
+    inputs = proc(images=images or None, text=[text], return_tensors="pt", downsample_mode=mode)
+    n = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=N_NEW, do_sample=False, downsample_mode=mode)
+    tokens = out[0, n:].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    while tokens and tokens[-1] in eos:    # our runtime ends on a stop token without returning it
+        tokens.pop()
+    return n, tokens
+
+
+def _user(n_images: int, text: str) -> dict:
+    return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
+
+
+BIG = (1000, 700)
+CASES = {
+    "one 1000x700 image": ([_user(1, QUESTION)], [BIG], "16x", False),
+    "two images": ([_user(2, "Compare the two pictures.")], [BIG, (300, 520)], "16x", False),
+    "second turn": ([_user(1, QUESTION), {"role": "assistant", "content": "A striped pattern with noise."},
+                     {"role": "user", "content": [{"type": "text", "text": "Which colours does it use?"}]}],
+                    [BIG], "16x", False),
+    "4x mode": ([_user(1, QUESTION)], [BIG], "4x", False),
+    "thinking on": ([_user(1, QUESTION)], [BIG], "16x", True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_tokens_equal_transformers(model46, hf46, case):
+    messages, sizes, mode, thinking = CASES[case]
+    images = [_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    n_hf, want = _hf_greedy(hf46, messages, images, mode, thinking)
+    if case == "second turn":   # the first turn runs on the same session first: the second reuses its cache
+        model46.chat(_ours(messages[:1], images), greedy=True, max_tokens=N_NEW, downsample_mode=mode)
+    r = model46.chat(_ours(messages, images), greedy=True, max_tokens=N_NEW, downsample_mode=mode,
+                     thinking=thinking)
+    t = r.timings
+    same = next((i for i, (a, b) in enumerate(zip(r.token_ids, want)) if a != b), min(len(want), len(r.token_ids)))
+    print(f"\n[4.6 {case}] prompt {t.prompt_tokens} positions (transformers {n_hf}), {t.slices} slices, "
+          f"{t.prefilled_tokens} prefilled; greedy tokens identical: {same}/{len(want)} (tolerance: all)"
+          f"\n  ours {r.token_ids}\n  HF   {want}")
+    assert t.prompt_tokens == n_hf
+    assert len(want) == N_NEW, "transformers stopped early: the comparison would be shorter than asked"
+    assert r.token_ids == want
