@@ -101,3 +101,73 @@ def test_greedy_tokens_equal_transformers(model46, hf46, case):
     assert t.prompt_tokens == n_hf
     assert len(want) == N_NEW, "transformers stopped early: the comparison would be shorter than asked"
     assert r.token_ids == want
+
+
+def test_llama_cpp_mtmd_on_our_mmproj(model46, tiny_checkpoint, tmp_path):
+    """llama.cpp's mtmd with our minicpmv4_6 mmproj and the bundle's qwen35 GGUF, unsliced 448x448 image (llama.cpp
+    neither slices nor resizes it): the same embeddings as ours, the same positions for the image rows (mtmd
+    places them at p0 + i in every M-RoPE section, as transformers and we do), and so, with `<image_id>` off (mtmd
+    never writes it), the same prompt and the same greedy answer."""
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp.llama_chat_format import MTMDChatHandler
+
+    from minicpmv_edge.export.gguf_mmproj import write_mmproj_gguf
+    from minicpmv_edge.export.onnx_vision import open_vision_checkpoint
+    from minicpmv_edge.runtime.llamacpp_clip import LlamaCppClip
+    from minicpmv_edge.runtime.preprocess import preprocess_image
+
+    mmproj = write_mmproj_gguf(open_vision_checkpoint(tiny_checkpoint("4.6")), tmp_path / "mmproj-F32.gguf", "F32")
+    img = _image(448, 448, seed=3)
+    pre = preprocess_image(img, slicing="llava_uhd_v46")
+    assert pre.grid is None and pre.slices[0].tgt_size == (32, 32)
+    ours = model46.vision.encode(pre.slices[0])
+    with LlamaCppClip(mmproj, model46.files["llm"]) as clip:
+        theirs = clip.encode(img)
+        m = clip._mtmd
+        chunks = m.mtmd_input_chunks_init()
+        pixels = np.ascontiguousarray(np.asarray(img), dtype=np.uint8)
+        bitmap = m.mtmd_bitmap_init(448, 448, pixels.ctypes.data_as(ctypes.POINTER(ctypes.c_ubyte)))
+        try:
+            marker = m.mtmd_default_marker()
+            inp = m.mtmd_input_text(marker, len(marker), False, True)
+            assert m.mtmd_tokenize(clip._ctx, chunks, ctypes.byref(inp), (ctypes.c_void_p * 1)(bitmap), 1) == 0
+            image = [c for c in (m.mtmd_input_chunks_get(chunks, i) for i in range(m.mtmd_input_chunks_size(chunks)))
+                     if m.mtmd_input_chunk_get_type(c) == m.MTMD_INPUT_CHUNK_TYPE_IMAGE]
+            n_pos = [m.mtmd_input_chunk_get_n_pos(c) for c in image]
+            rows = m.mtmd_input_chunk_get_tokens_image(image[0])
+            positions = [tuple(getattr(m.mtmd_image_tokens_get_decoder_pos(rows, 100, i), k) for k in "txy")
+                         for i in (0, 1, 63)]
+        finally:
+            m.mtmd_input_chunks_free(chunks)
+            m.mtmd_bitmap_free(bitmap)
+    assert len(theirs) == 1 and theirs[0].shape == ours.shape
+    cos = (ours * theirs[0]).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs[0], axis=1)
+    assert n_pos == [64] and positions == [(100, 100, 100), (101, 101, 101), (163, 163, 163)]
+
+    png = tmp_path / "probe-448.png"
+    img.save(png)
+    fmt = model46.prompt_format
+    model46.prompt_format = type(fmt)(**{**fmt.__dict__, "use_image_id": False})
+    try:
+        r = model46.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(png)}},
+                                                      {"type": "text", "text": QUESTION}]}],
+                         greedy=True, max_tokens=N_NEW)
+    finally:
+        model46.prompt_format = fmt
+    handler = MTMDChatHandler(clip_model_path=str(mmproj), verbose=False)
+    llm = llama_cpp.Llama(str(model46.files["llm"]), chat_handler=handler, n_ctx=2048, verbose=False, seed=0,
+                          type_k=0, type_v=0, flash_attn=False)
+    out = llm.create_chat_completion(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": png.as_uri()}}, {"type": "text", "text": QUESTION}]}],
+        temperature=0.0, max_tokens=N_NEW)
+    text = out["choices"][0]["message"]["content"]
+    # llama-cpp-python drops bytes that are not valid UTF-8 where we write U+FFFD: compare bytes the same way
+    ours_text = b"".join(model46.decoder.token_bytes(t) for t in r.token_ids).decode("utf-8", "ignore")
+    print(f"\n[4.6] llama.cpp mtmd (F32 mmproj) vs our fp32 ONNX, unsliced 448x448: min cosine {cos.min():.7f} "
+          f"(tolerance 0.9999); image rows 0, 1, 63 at p0=100: {positions}"
+          f"\n  ours: {ours_text!r} ({len(r.token_ids)} tokens)"
+          f"\n  mtmd: {text!r} ({out['usage']['completion_tokens']} tokens)")
+    assert cos.min() >= 0.9999
+    assert len(text) > 20 and ours_text.startswith(text)
