@@ -171,3 +171,63 @@ def test_llama_cpp_mtmd_on_our_mmproj(model46, tiny_checkpoint, tmp_path):
           f"\n  mtmd: {text!r} ({out['usage']['completion_tokens']} tokens)")
     assert cos.min() >= 0.9999
     assert len(text) > 20 and ours_text.startswith(text)
+
+
+# ---- the tools on a 4.6 bundle: server, bench --------------------------------------------------------------------
+
+def test_server_answers_a_4_6_request_like_the_session(model46):
+    """One loopback request per downsample mode: the same greedy tokens as the session, 4x gives 4x the image
+    positions (the
+    transformers comparison of 4x is above), and an unknown mode is a clear 400 naming the field while the server keeps answering."""
+    import base64
+    import io
+
+    import httpx
+
+    from loopback import serve_app
+    from minicpmv_edge.runtime.server import ServerOptions, create_app
+
+    img = _image(1000, 700, seed=0)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": QUESTION}]}]
+    app = create_app(model46, ServerOptions(name="tiny46", max_image_bytes=8 * 2 ** 20))
+    with serve_app(app) as base:
+        answers = {}
+        for mode in ("16x", "4x"):
+            r = httpx.post(base + "/v1/chat/completions", timeout=300, json={
+                "model": "tiny46", "messages": messages, "max_tokens": 8, "temperature": 0,
+                "downsample_mode": mode})
+            assert r.status_code == 200, r.text
+            answers[mode] = r.json()
+        bad = httpx.post(base + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny46", "messages": messages, "max_tokens": 8, "downsample_mode": "64x"})
+        health = httpx.get(base + "/health", timeout=10)
+    direct = model46.chat([{"role": "user", "content": [{"type": "image", "image": img},
+                                                        {"type": "text", "text": QUESTION}]}],
+                          greedy=True, max_tokens=8)
+    usage = {m: a["usage"]["prompt_tokens"] for m, a in answers.items()}
+    print(f"\n[4.6 server] prompt tokens {usage}; 16x answer {answers['16x']['choices'][0]['message']['content']!r}; "
+          f"bad mode -> {bad.status_code} {bad.json()['error']['message']!r}")
+    assert answers["16x"]["choices"][0]["message"]["content"] == direct.text
+    assert usage["16x"] == direct.timings.prompt_tokens
+    assert usage["4x"] > 2 * usage["16x"]     # about 4x the image rows (4x slices are aligned to 28 px, not 56)
+    assert bad.status_code == 400 and "downsample_mode" in bad.json()["error"]["message"]
+    assert health.status_code == 200
+
+
+def test_bench_runs_on_a_4_6_bundle(tiny_bundle, tmp_path, capsys):
+    import json
+
+    from minicpmv_edge.cli import main as cli
+    out = tmp_path / "bench.json"
+    assert cli(["bench", str(tiny_bundle("4.6")), "--reps", "1", "--decode", "8", "--llm", "Q4_K_M",
+                "--json", str(out)]) == 0
+    print(capsys.readouterr().out)
+    report = json.loads(out.read_text())
+    first = report["ours"]["reuse"]["ttft"]
+    assert report["vision"].startswith("vision-merger-16x-") and report["resampler"] == "ResamplerInGraph"
+    assert first["vision_slices"] >= 1 and first["prefilled_tokens"] == first["prompt_tokens"] > 64
+    assert report["llama_cpp"]["ttft"]["median"] > 0
