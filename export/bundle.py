@@ -370,7 +370,7 @@ def _reparity(root: Path, m: Manifest, against, report: VerifyReport, grids) -> 
         return
     dims = {"vision.hidden_size": (ckpt.vision.hidden_size, model.vision.hidden_size),
             "vision.num_hidden_layers": (ckpt.vision.num_hidden_layers, model.vision.num_hidden_layers),
-            "resampler.embed_dim": (ckpt.resampler.embed_dim, model.resampler.embed_dim)}
+            "llm.hidden_size": (ckpt.llm.hidden_size, model.llm.hidden_size)}
     bad = [f"{k}: checkpoint {a}, bundle {b}" for k, (a, b) in dims.items() if a != b]
     if bad:
         report.problems.append(Problem(MANIFEST, "--against checkpoint has other dims (" + "; ".join(bad) + ")"))
@@ -398,8 +398,11 @@ def _reparity(root: Path, m: Manifest, against, report: VerifyReport, grids) -> 
             continue
         recorded = entry.parity
         use_grids = grids or (tuple(tuple(g.grid) for g in recorded.grids) if recorded else None)
-        modules = modules or reference_modules(ckpt)
-        measured = parity(root / rel, ckpt, use_grids or ((32, 32),), modules=modules)
+        if ckpt.resampler is None:      # 4.6: its merger graphs against the merger reader's module
+            measured = measure_vision_parity([root / rel], ckpt, use_grids)[str(root / rel)]
+        else:
+            modules = modules or reference_modules(ckpt)
+            measured = parity(root / rel, ckpt, use_grids or ((32, 32),), modules=modules)
         _compare_parity(rel, recorded, measured, report)
 
 

@@ -349,6 +349,9 @@ _V46 = replace(
 MODEL_FACTS: Mapping[str, ModelFacts] = MappingProxyType({f.version: f for f in (_V26, _V40, _V45, _V46)})
 
 SUPPORTED_VERSIONS = tuple(v for v, f in MODEL_FACTS.items() if f.supported)
+# Supported versions of the remote-code layout with a resampler (2.6-4.5); the transformers-native 4.6 has its own
+# tests (tests/test_v46_*.py), the tests of that layout run over these.
+RESAMPLER_VERSIONS = tuple(v for v in SUPPORTED_VERSIONS if MODEL_FACTS[v].hf_model_type == "minicpmv")
 # Versions whose checkpoints can be read and synthesized and whose LLM exports to GGUF (a superset).
 CHECKPOINT_VERSIONS = tuple(v for v, f in MODEL_FACTS.items() if f.supported or f.checkpoint_supported)
 
