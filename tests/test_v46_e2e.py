@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-transformers = pytest.importorskip("transformers.models.minicpmv4_6")
-import v46_reference  # noqa: E402
+pytest.importorskip("transformers.models.minicpmv4_6")
 
 N_NEW = 32
 QUESTION = "What is in this picture?"
@@ -34,10 +33,9 @@ def model46(tiny_bundle):
 
 @pytest.fixture(scope="module")
 def hf46(tiny_checkpoint):
-    import torch
+    from minicpmv_edge.export.reference_native import native_model, native_processor
     folder = tiny_checkpoint("4.6")
-    model = transformers.MiniCPMV4_6ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-    return model, v46_reference.processor(folder)
+    return native_model(folder), native_processor(folder)
 
 
 def _ours(messages, images):
@@ -53,19 +51,10 @@ def _ours(messages, images):
 
 
 def _hf_greedy(hf46, messages, images, mode: str, thinking: bool) -> tuple[int, list[int]]:
-    import torch
-    model, proc = hf46
-    text = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, enable_thinking=thinking)
-    inputs = proc(images=images or None, text=[text], return_tensors="pt", downsample_mode=mode)
-    n = inputs["input_ids"].shape[1]
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=N_NEW, do_sample=False, downsample_mode=mode)
-    tokens = out[0, n:].tolist()
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
-    while tokens and tokens[-1] in eos:    # our runtime ends on a stop token without returning it
-        tokens.pop()
-    return n, tokens
+    from minicpmv_edge.export.reference_native import native_greedy
+    model, processor = hf46
+    return native_greedy(model, processor, messages, images, max_new_tokens=N_NEW, downsample_mode=mode,
+                         thinking=thinking)
 
 
 def _user(n_images: int, text: str) -> dict:

@@ -67,20 +67,3 @@ def image_features(model, slices, downsample_mode: str) -> list[np.ndarray]:
         out = model.model.get_image_features(torch.from_numpy(pv), sizes, downsample_mode=downsample_mode)
     return [t.numpy() for t in out.pooler_output]
 
-
-def processor(folder: Path):
-    """transformers' own `MiniCPMV4_6Processor` for a checkpoint folder (image processor, tokenizer, chat template).
-    Its constructor looks the video processor class up in a registry that is a placeholder without torchvision
-    (no CPU wheel here), so that one class check is skipped; images never touch the video processor."""
-    from unittest import mock
-
-    from transformers import AutoTokenizer
-    from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
-    from transformers.models.minicpmv4_6.processing_minicpmv4_6 import MiniCPMV4_6Processor
-    from transformers.models.minicpmv4_6.video_processing_minicpmv4_6 import MiniCPMV4_6VideoProcessor
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    with mock.patch.object(MiniCPMV4_6Processor, "check_argument_for_proper_class", lambda *a: None):
-        return MiniCPMV4_6Processor(image_processor=MiniCPMV4_6ImageProcessorPil.from_pretrained(folder),
-                                    video_processor=MiniCPMV4_6VideoProcessor(), tokenizer=tok,
-                                    chat_template=tok.chat_template)
