@@ -220,3 +220,26 @@ def test_bench_runs_on_a_4_6_bundle(tiny_bundle, tmp_path, capsys):
     assert report["vision"].startswith("vision-merger-16x-") and report["resampler"] == "ResamplerInGraph"
     assert first["vision_slices"] >= 1 and first["prefilled_tokens"] == first["prompt_tokens"] > 64
     assert report["llama_cpp"]["ttft"]["median"] > 0
+
+
+def test_sweep_runs_on_4_6(tiny_checkpoint, tmp_path):
+    """The sweep over a 4.6 checkpoint (two cells, to stay short): merger graph of the default mode, no resampler
+    file; F16 + fp16 vision close to the F16 + fp32 baseline, more slices allowed -> more slices made, and
+    llama.cpp's clip on the minicpmv4_6 mmproj close to our fp32 graph."""
+    import json
+
+    from minicpmv_edge.workflows.sweep import run_sweep
+    out = tmp_path / "sweep"
+    rows = run_sweep(tiny_checkpoint("4.6"), out, llm_types=["F16"], vision_types=["fp16"], slices=[1, 4],
+                     mmproj_types=["F16"], progress=False)
+    by = {r["slices"]: r for r in rows}
+    clip = json.loads((out / "sweep.json").read_text())["llama_cpp"]
+    print("\n[4.6 sweep] " + "; ".join(f"F16 + fp16, max {s} slices: kld {r['kld_mean']:.2e} top1 {r['top1']:.3f} "
+                                       f"vision cos {r['embedding_cosine']:.7f}, {r['sliced_image_slices']} slices"
+                                       for s, r in by.items())
+          + f"; llama.cpp clip F16 vs our fp32 cos {clip[0]['embedding_cosine']:.7f}")
+    assert sorted(by) == [1, 4]
+    assert by[1]["kld_mean"] < 1e-4 and 0.9999 < by[4]["embedding_cosine"] <= 1.0
+    assert by[1]["sliced_image_slices"] == 1 < by[4]["sliced_image_slices"]
+    assert not list((out / "files").glob("resampler-*")) and list((out / "files").glob("vision-merger-16x-*"))
+    assert [c["mmproj"] for c in clip] == ["F16"] and clip[0]["embedding_cosine"] > 0.999
