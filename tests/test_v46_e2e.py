@@ -167,7 +167,8 @@ def test_llama_cpp_mtmd_on_our_mmproj(model46, tiny_checkpoint, tmp_path):
 def test_server_answers_a_4_6_request_like_the_session(model46):
     """One loopback request per downsample mode: the same greedy tokens as the session, 4x gives 4x the image
     positions (the
-    transformers comparison of 4x is above), and an unknown mode is a clear 400 naming the field while the server keeps answering."""
+    transformers comparison of 4x is above), and an unknown mode is a clear 400 naming the field while the server
+    keeps answering."""
     import base64
     import io
 

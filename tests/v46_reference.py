@@ -66,4 +66,3 @@ def image_features(model, slices, downsample_mode: str) -> list[np.ndarray]:
     with torch.no_grad():
         out = model.model.get_image_features(torch.from_numpy(pv), sizes, downsample_mode=downsample_mode)
     return [t.numpy() for t in out.pooler_output]
-
