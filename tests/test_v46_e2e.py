@@ -2,7 +2,7 @@
 run by our runtime, against transformers' own `MiniCPMV4_6ForConditionalGeneration.generate` fed by transformers'
 own `MiniCPMV4_6Processor` (never our torch code). Greedy tokens must be identical, 32 of them, for: one
 1000x700 image (max_slice_nums 9), two images, a second turn on the warm session, the same image in 4x mode,
-and thinking on. Plus llama.cpp's mtmd on the bundle's minicpmv4_6 mmproj."""
+and thinking on. Plus llama.cpp's mtmd on our minicpmv4_6 mmproj, and the server, bench and sweep on 4.6."""
 from __future__ import annotations
 
 import numpy as np
