@@ -131,18 +131,33 @@ def _config_sha256(ckpt) -> str | None:
     return sha256_file(p) if p.is_file() else None
 
 
+def tokens_per_slice(ckpt) -> int:
+    """LLM positions of one full slice: the resampler's query_num (2.6-4.5); for 4.6, which has no resampler, a
+    slice_size x slice_size slice in the default downsample mode (the count then varies with each slice's size)."""
+    if ckpt.resampler is not None:
+        return ckpt.resampler.query_num
+    side = ckpt.preprocess.slice_size // ckpt.preprocess.patch_size
+    return side * side // ckpt.facts.downsample_side() ** 2
+
+
 def placeholder_grammar(ckpt) -> dict[str, Any]:
     t = ckpt.facts.special_tokens
-    q = ckpt.resampler.query_num
+    q = "{tokens}" if ckpt.resampler is None else ckpt.resampler.query_num
+    notes = ("image id only when use_image_id; index counts images from 0 over the prompt; no newline between "
+             "the overview and the first slice row, none after the last; each pad run is replaced by one "
+             "slice's embeddings, overview first, then slices row-major; ")
+    if ckpt.resampler is None:
+        modes = ", ".join(f"{m}: h*w/{s * s}" for m, s in ckpt.facts.downsample_modes)
+        notes += (f"{{tokens}} = that slice's h x w patches merged by the downsample mode ({modes}); video frames "
+                  "use the image form without id")
+    else:
+        notes += "video blocks use the image form without id or slices, joined by \"\\n\""
     return {
         "image_tag": IMAGE_TAG,
         "image": (f"[{t['image_id_start']}{{index}}{t['image_id_end']}] {t['image_start']} {t['image_pad']}x{q} "
                   f"{t['image_end']} [{{rows}} rows joined by \"\\n\", each {{cols}} x ({t['slice_start']} "
                   f"{t['image_pad']}x{q} {t['slice_end']})]"),
-        "notes": ("image id only when use_image_id; index counts images from 0 over the prompt; no newline between "
-                  "the overview and the first slice row, none after the last; each pad run is replaced by one "
-                  "slice's query_num embeddings, overview first, then slices row-major; video blocks use the "
-                  "image form without id or slices, joined by \"\\n\""),
+        "notes": notes,
         "pad_token": t["image_pad"],
     }
 
@@ -157,7 +172,7 @@ def model_section(ckpt) -> ModelSection:
                        llm.rope_theta, llm.rms_norm_eps, llm.tie_word_embeddings),
         vision=VisionSection(v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size,
                              v.patch_size, v.num_patches_per_side, v.layer_norm_eps, v.hidden_act),
-        resampler=ResamplerSection(r.embed_dim, r.num_heads, r.kv_dim, r.query_num),
+        resampler=ResamplerSection(r.embed_dim, r.num_heads, r.kv_dim, r.query_num) if r is not None else None,
         source=SourceSection(ckpt.root.name, _config_sha256(ckpt)))
 
 
@@ -168,7 +183,9 @@ def preprocess_section(ckpt) -> PreprocessSection:
         slice_mode=pre.slice_mode, norm_mean=list(pre.norm_mean), norm_std=list(pre.norm_std),
         slicing=ckpt.facts.slicing, num_patches_per_side=ckpt.vision.num_patches_per_side, resample="PIL bicubic",
         order="overview first, then cells row-major",
-        position_ids="NaViT buckets, runtime.preprocess.position_bucket_ids(h, w, num_patches_per_side)")
+        position_ids=("nearest ids, runtime.preprocess.position_nearest_ids(h, w, num_patches_per_side)"
+                      if ckpt.facts.vision_position_ids == "nearest" else
+                      "NaViT buckets, runtime.preprocess.position_bucket_ids(h, w, num_patches_per_side)"))
 
 
 def prompt_section(ckpt) -> PromptSection:
@@ -179,7 +196,7 @@ def prompt_section(ckpt) -> PromptSection:
     return PromptSection(
         chat_template=ckpt.chat_template, template_family=f.chat_template, special_tokens=dict(f.special_tokens),
         placeholder=placeholder_grammar(ckpt), use_image_id=ckpt.preprocess.use_image_id,
-        query_num=ckpt.resampler.query_num, stop_tokens=list(f.stop_tokens), thinking=f.thinking,
+        query_num=tokens_per_slice(ckpt), stop_tokens=list(f.stop_tokens), thinking=f.thinking,
         default_system_prompt=f.default_system_prompt,
         bos_token=_token_string(tok.get("bos_token")) or f.bos_token, eos_token=_token_string(tok.get("eos_token")))
 
@@ -227,11 +244,19 @@ def write_manifest(bundle_dir: str | Path, ckpt, files: Iterable[Any], parity: M
 
 
 def measure_vision_parity(paths: Iterable[str | Path], ckpt, grids=None) -> dict[str, dict[str, Any]]:
-    """Parity of each ONNX vision file against the torch reference (onnx_vision.parity); key = str(path)."""
-    from .onnx_vision import EXPORT_PARITY_GRIDS, parity, reference_modules
+    """Parity of each ONNX vision file against the torch reference (onnx_vision.parity); key = str(path).
+    4.6 merger graphs are measured against the merger reader's module, on the grids snapped to whole merge
+    blocks (multiples of 4 patches, which both downsample modes accept)."""
+    from .merger_tower import MergerCheckpoint
+    from .onnx_vision import EXPORT_PARITY_GRIDS, merger_parity_grids, open_vision_checkpoint, parity, reference_modules
 
+    ckpt = open_vision_checkpoint(ckpt)
+    grids = grids or EXPORT_PARITY_GRIDS
+    if isinstance(ckpt, MergerCheckpoint):
+        side = max(s for _, s in ckpt.facts.downsample_modes)
+        return {str(p): parity(p, ckpt, merger_parity_grids(side, grids)) for p in paths}
     modules = reference_modules(ckpt)
-    return {str(p): parity(p, ckpt, grids or EXPORT_PARITY_GRIDS, modules=modules) for p in paths}
+    return {str(p): parity(p, ckpt, grids, modules=modules) for p in paths}
 
 
 # =============================================================================================
@@ -345,7 +370,7 @@ def _reparity(root: Path, m: Manifest, against, report: VerifyReport, grids) -> 
         return
     dims = {"vision.hidden_size": (ckpt.vision.hidden_size, model.vision.hidden_size),
             "vision.num_hidden_layers": (ckpt.vision.num_hidden_layers, model.vision.num_hidden_layers),
-            "resampler.embed_dim": (ckpt.resampler.embed_dim, model.resampler.embed_dim)}
+            "llm.hidden_size": (ckpt.llm.hidden_size, model.llm.hidden_size)}
     bad = [f"{k}: checkpoint {a}, bundle {b}" for k, (a, b) in dims.items() if a != b]
     if bad:
         report.problems.append(Problem(MANIFEST, "--against checkpoint has other dims (" + "; ".join(bad) + ")"))
@@ -373,8 +398,11 @@ def _reparity(root: Path, m: Manifest, against, report: VerifyReport, grids) -> 
             continue
         recorded = entry.parity
         use_grids = grids or (tuple(tuple(g.grid) for g in recorded.grids) if recorded else None)
-        modules = modules or reference_modules(ckpt)
-        measured = parity(root / rel, ckpt, use_grids or ((32, 32),), modules=modules)
+        if ckpt.resampler is None:      # 4.6: its merger graphs against the merger reader's module
+            measured = measure_vision_parity([root / rel], ckpt, use_grids)[str(root / rel)]
+        else:
+            modules = modules or reference_modules(ckpt)
+            measured = parity(root / rel, ckpt, use_grids or ((32, 32),), modules=modules)
         _compare_parity(rel, recorded, measured, report)
 
 

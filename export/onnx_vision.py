@@ -267,7 +267,10 @@ def _fused(counts: dict[str, int]) -> dict[str, int]:
 
 
 def open_vision_checkpoint(source: Checkpoint | MergerCheckpoint | str | Path) -> Checkpoint | MergerCheckpoint:
-    """A checkpoint object for a folder: `MergerCheckpoint` for 4.6 (merger) folders, else `Checkpoint`."""
+    """A checkpoint object for a folder: `MergerCheckpoint` for 4.6 (merger) folders, else `Checkpoint`. A
+    `Checkpoint` without a resampler (4.6, read by the full reader) becomes the merger reader of its folder."""
+    if isinstance(source, Checkpoint) and source.config.resampler is None:
+        return MergerCheckpoint.open(source.root)
     if isinstance(source, (Checkpoint, MergerCheckpoint)):
         return source
     return MergerCheckpoint.open(source) if is_merger_checkpoint(source) else Checkpoint.open(source)

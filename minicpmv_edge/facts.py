@@ -283,7 +283,6 @@ _V45 = replace(
 # (llama.cpp has its own projector type for it). Sources: the hub's config.json, generation_config.json,
 # preprocessor_config.json and tokenizer.json as copied on GitHub, transformers' models/minicpmv4_6 and
 # models/qwen3_5, llama.cpp's conversion/minicpm.py + qwen.py; see docs/minicpmv-4.6.md.
-# End-to-end support (vision export, runtime) lands with the vision half, hence supported=False for now.
 _QWEN35_ADDED_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
     "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
@@ -335,8 +334,7 @@ _V46 = replace(
                                   linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
                                   linear_num_key_heads=16, linear_num_value_heads=16, partial_rotary_factor=0.25,
                                   attn_output_gate=True, mtp_num_hidden_layers=1),
-    supported=False,
-    checkpoint_supported=True,
+    supported=True,
     # chat template: the hub jinja was not retrieved; ours follows the Qwen3.5-0.8B family template (thinking
     # off unless asked) and the prompt the AXERA port renders. video: owned by the vision half.
     unverified=("chat_template", "video", "query_num"),
@@ -351,14 +349,18 @@ _V46 = replace(
 MODEL_FACTS: Mapping[str, ModelFacts] = MappingProxyType({f.version: f for f in (_V26, _V40, _V45, _V46)})
 
 SUPPORTED_VERSIONS = tuple(v for v, f in MODEL_FACTS.items() if f.supported)
+# Supported versions of the remote-code layout with a resampler (2.6-4.5); the transformers-native 4.6 has its own
+# tests (tests/test_v46_*.py), the tests of that layout run over these.
+RESAMPLER_VERSIONS = tuple(v for v in SUPPORTED_VERSIONS if MODEL_FACTS[v].hf_model_type == "minicpmv")
 # Versions whose checkpoints can be read and synthesized and whose LLM exports to GGUF (a superset).
 CHECKPOINT_VERSIONS = tuple(v for v, f in MODEL_FACTS.items() if f.supported or f.checkpoint_supported)
 
 # Bounds that readers of bundles and requests check against, derived from the table (a new version moves them).
 MAX_SLICE_NUMS = max(f.max_slice_nums for f in MODEL_FACTS.values())
 SLICING_VARIANTS = tuple(dict.fromkeys(f.slicing for f in MODEL_FACTS.values()))
-# every special-token role a version may name (the glossary: docs/glossary.md)
-SPECIAL_TOKEN_ROLES = (*IMAGE_TOKENS, *CHATML_TOKENS, *THINK_TOKENS)
+# every special-token role a version may name (the glossary: docs/glossary.md), e.g. 4.6's video_pad
+SPECIAL_TOKEN_ROLES = tuple(dict.fromkeys((*IMAGE_TOKENS, *CHATML_TOKENS, *THINK_TOKENS,
+                                          *(r for f in MODEL_FACTS.values() for r in f.special_tokens))))
 
 
 def normalize_version(raw: object) -> str:

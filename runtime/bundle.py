@@ -29,7 +29,7 @@ import stat
 import sys
 import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
@@ -321,7 +321,7 @@ class ModelSection(Section):
     version: str = spec(choices=SUPPORTED_VERSIONS)
     llm: LLMSection = spec()
     vision: VisionSection = spec()
-    resampler: ResamplerSection = spec()
+    resampler: ResamplerSection | None = spec(None)    # None: no resampler (4.6's merger graphs end in embeddings)
     hf_repo: str | None = spec(None, max_len=255)
     llm_arch: str | None = spec(None, max_len=64)
     mmproj_version: int | None = spec(None, lo=0, hi=1000)
@@ -334,6 +334,12 @@ class ModelSection(Section):
         return MODEL_FACTS[self.version]
 
     def check(self, where: Where) -> None:
+        merges = bool(self.facts.downsample_modes)     # the version merges patches instead of resampling
+        if (self.resampler is None) != merges:
+            raise (where / "resampler").error(
+                f"MiniCPM-V {self.version} {'has no' if merges else 'needs a'} resampler section ({REEXPORT})")
+        if self.resampler is None:
+            return
         if self.resampler.kv_dim != self.vision.hidden_size:
             raise (where / "resampler" / "kv_dim").error(
                 f"{self.resampler.kv_dim} differs from model.vision.hidden_size {self.vision.hidden_size}")
@@ -517,7 +523,7 @@ class Manifest(Section):
         for f in ("patch_size", "num_patches_per_side"):
             if getattr(pre, f) != getattr(v, f):
                 raise (where / "preprocess" / f).error(f"{getattr(pre, f)} differs from model.vision.{f} {getattr(v, f)}")
-        if prompt.query_num != self.model.resampler.query_num:
+        if self.model.resampler is not None and prompt.query_num != self.model.resampler.query_num:
             raise (where / "prompt" / "query_num").error(
                 f"{prompt.query_num} differs from model.resampler.query_num {self.model.resampler.query_num}")
         if not self.files:
@@ -767,7 +773,8 @@ def check_chat_template(prompt: PromptSection, where: Where) -> None:
 
 def _onnx_backend(f: Path, threads: int | None, cfg) -> Any:
     from .vision import OnnxVision
-    return OnnxVision(f, threads=threads, num_patches_per_side=cfg.num_patches_per_side)
+    return OnnxVision(f, threads=threads, num_patches_per_side=cfg.num_patches_per_side,
+                      position_rule=cfg.position_rule)
 
 
 def _coreml_backend(f: Path, threads: int | None, cfg) -> Any:
@@ -779,8 +786,9 @@ def _coreml_backend(f: Path, threads: int | None, cfg) -> Any:
 class VisionBackendInfo:
     name: str
     make: Callable[[Path, int | None, Any], Any]
-    includes_resampler: bool = False      # the graph ends in the resampler: no resampler weights needed
+    includes_resampler: bool = False      # the graph ends in LLM embeddings: no resampler weights needed
     platforms: tuple[str, ...] | None = None
+    downsample_mode: str | None = None    # 4.6 merger graphs: the mode the graph runs (one file kind per mode)
 
 
 # FileKind -> the backend that runs it (load picks the first kind present that this machine can run)
@@ -788,11 +796,30 @@ VISION_BACKENDS: dict[str, VisionBackendInfo] = {
     FileKind.VISION_ONNX: VisionBackendInfo("onnx", _onnx_backend),
     FileKind.VISION_RESAMPLER_ONNX: VisionBackendInfo("onnx-fused", _onnx_backend, includes_resampler=True),
     FileKind.VISION_COREML: VisionBackendInfo("coreml", _coreml_backend, platforms=("darwin",)),
+    FileKind.VISION_MERGER_16X_ONNX: VisionBackendInfo("onnx-merger", _onnx_backend, includes_resampler=True,
+                                                       downsample_mode="16x"),
+    FileKind.VISION_MERGER_4X_ONNX: VisionBackendInfo("onnx-merger", _onnx_backend, includes_resampler=True,
+                                                      downsample_mode="4x"),
 }
 
 
 def runnable_vision_kinds() -> list[str]:
     return [k for k, b in VISION_BACKENDS.items() if b.platforms is None or sys.platform in b.platforms]
+
+
+def _other_mode_loaders(b: Bundle, main: Path, threads: int | None, cfg, hashes: HashCache | None
+                        ) -> dict[str, Callable[[], Any]]:
+    """4.6: a loader for each other downsample mode's graph in the bundle (run on that mode's first request),
+    in the main vision file's precision where the bundle has it."""
+    precision = next(f.precision for f in b.files if f.path == main or b.root / f.rel == main)
+    loaders = {}
+    for kind, info in VISION_BACKENDS.items():
+        if info.downsample_mode in (None, b.facts.default_downsample_mode) or not any(f.kind == kind for f in b.files):
+            continue
+        same = [f for f in b.files if f.kind == kind and f.precision == precision]
+        pick = same[0] if same else b.choose(kind, None, VISION_PREFERENCE)
+        loaders[info.downsample_mode] = lambda f=pick, make=info.make: make(b.check_present(f, hashes), threads, cfg)
+    return loaders
 
 
 def load(bundle: str | Path | Bundle, *, llm: str | None = None, vision: str | None = None,
@@ -815,9 +842,12 @@ def load(bundle: str | Path | Bundle, *, llm: str | None = None, vision: str | N
     b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     m = b.manifest
     hashes = (hashes or HashCache()) if verify else None
+    default_mode = b.facts.default_downsample_mode
     if vision_kind is None:
         have = {f.kind for f in b.files}
-        kinds = [k for k in runnable_vision_kinds() if k in have]
+        # a 4.6 session runs its default mode's graph unless asked otherwise
+        kinds = sorted((k for k in runnable_vision_kinds() if k in have),
+                       key=lambda k: VISION_BACKENDS[k].downsample_mode not in (None, default_mode))
         if not kinds:
             listed = ", ".join(sorted(have & set(VISION_BACKENDS))) or "none"
             raise BundleError(b.root, f"no vision file this machine can run (the bundle has: {listed}; runnable "
@@ -832,19 +862,25 @@ def load(bundle: str | Path | Bundle, *, llm: str | None = None, vision: str | N
         b.check_present(b.choose(FileKind.RESAMPLER_WEIGHTS, None, RESAMPLER_PREFERENCE), hashes)
     if hashes is not None:
         hashes.save()
-    cfg = m.preprocess.config()
+    if backend.downsample_mode not in (None, default_mode):
+        raise BundleError(b.root, f"{vision_kind}: runs downsample mode {backend.downsample_mode}, but a session's "
+                          f"main vision graph must run the default mode {default_mode}")
+    cfg = replace(m.preprocess.config(), position_rule=b.facts.vision_position_ids)
+    other_modes = _other_mode_loaders(b, vis_file, threads, cfg, hashes)
     decoder = Decoder(llm_file, n_ctx=n_ctx, threads=threads, exact=exact, eval_callback=eval_callback,
                       load_mode=resolve_load_mode(load_mode, low_memory=low_memory))
     try:
         vis = backend.make(vis_file, threads, cfg)
-        res = ResamplerInGraph(m.model.resampler.embed_dim) if res_file is None else \
+        embed_dim = m.model.resampler.embed_dim if m.model.resampler is not None else m.model.llm.hidden_size
+        res = ResamplerInGraph(embed_dim) if res_file is None else \
             load_resampler(res_file, backend=resampler, threads=threads or default_threads(),
-                           expect_embed_dim=decoder.n_embd)
+                            expect_embed_dim=decoder.n_embd)
     except Exception:
         decoder.close()
         raise
     model = MiniCPMV(facts=b.facts, decoder=decoder, vision=vis, resampler=res, prompt_format=m.prompt.format(),
-                     preprocess=cfg, image_cache_size=image_cache_size, low_memory=low_memory)
+                     preprocess=cfg, image_cache_size=image_cache_size, low_memory=low_memory,
+                     vision_modes=other_modes)
     model.bundle, model.files = b, {"llm": llm_file, "vision": vis_file, "resampler": res_file}
     model.vision_kind = vision_kind
     return model

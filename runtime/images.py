@@ -22,7 +22,8 @@ from PIL import Image, UnidentifiedImageError
 
 from minicpmv_edge.errors import MiniCPMVEdgeError
 
-from .preprocess import DEFAULT_MAX_PIXELS, find_best_resize, get_refine_size, get_sliced_grid, get_sliced_grid_v46
+from .preprocess import (DEFAULT_MAX_PIXELS, downsample_side, find_best_resize, get_refine_size, get_sliced_grid,
+                         get_sliced_grid_v46)
 
 _URL_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://", re.I)
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]*)?(?P<params>(;[\w=.-]+)*?)(;base64)?,", re.I)
@@ -53,11 +54,14 @@ class ImageHeader:
 
 
 def slice_shapes(size: tuple[int, int], max_slice_nums: int, slice_size: int = 448, patch_size: int = 14,
-                 slicing: str = "llava_uhd") -> tuple[tuple[int, int] | None, list[tuple[int, int]]]:
+                 slicing: str = "llava_uhd", downsample_mode: str = "16x"
+                 ) -> tuple[tuple[int, int] | None, list[tuple[int, int]]]:
     """(grid, [(h, w) in patches per slice, overview first]) that preprocessing will produce for an image of
     `size`, from the arithmetic alone (no pixels): what the cheap checks count before any ViT run.
-    (The EXIF orientation may swap the sides; counts and the longest side do not change.)"""
-    align = patch_size * (4 if slicing == "llava_uhd_v46" else 1)   # 4.6: sides are multiples of patch x merge
+    (The EXIF orientation may swap the sides; counts and the longest side do not change.) `downsample_mode` is
+    read by "llava_uhd_v46" only, as in `preprocess_image`."""
+    # 4.6: sides are multiples of patch x the patches merged per side
+    align = patch_size * (downsample_side(downsample_mode) if slicing == "llava_uhd_v46" else 1)
     grid = (get_sliced_grid_v46(size, max_slice_nums, slice_size) if slicing == "llava_uhd_v46"
             else get_sliced_grid(size, max_slice_nums, slice_size))
     w, h = find_best_resize(size, slice_size, align, allow_upscale=grid is None)

@@ -7,7 +7,7 @@ so nothing is silently dropped:
     n, logprobs, top_logprobs, response_format (json_object / json_schema, grammar-enforced),
     tools, tool_choice, parallel_tool_calls, stream_options.include_usage, presence_penalty,
     frequency_penalty, logit_bias, user, and the common extensions top_k, repetition_penalty, max_slices,
-    chat_template_kwargs.enable_thinking.
+    chat_template_kwargs.enable_thinking, and downsample_mode (MiniCPM-V 4.6: "16x" or "4x").
 
 It also shapes what goes back: `logprobs.content`, `tool_calls` (whole, or as streamed deltas) and the final
 usage chunk of a stream.
@@ -28,7 +28,7 @@ BASIC_FIELDS = {"model", "messages", "stream", "max_tokens", "max_completion_tok
                 "seed", "stop"}
 EXTRA_FIELDS = {"n", "logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "parallel_tool_calls",
                 "stream_options", "presence_penalty", "frequency_penalty", "logit_bias", "user", "top_k",
-                "repetition_penalty", "max_slices", "chat_template_kwargs"}
+                "repetition_penalty", "max_slices", "chat_template_kwargs", "downsample_mode"}
 MAX_N = 8                      # choices per request (each is a full generation, one after the other)
 MAX_TOP_LOGPROBS = 20          # as OpenAI
 MAX_TOOLS = 128                # as OpenAI
@@ -94,6 +94,7 @@ class OpenAIOptions:
     top_k: int | None = None
     repetition_penalty: float | None = None
     max_slices: int | None = None
+    downsample_mode: str | None = None          # 4.6: "16x" (default) or "4x"; the session checks the value
     enable_thinking: bool | None = None         # None: the model name decides (`<name>-thinking`)
     seeds: list[int | None] = field(default_factory=lambda: [None])
 
@@ -253,6 +254,11 @@ def parse_openai_fields(body: Mapping[str, Any], *, stream: bool, seed: int | No
     o.top_k = None if top_k is None else max(top_k, 0)      # -1 (vLLM's "off") and 0 both mean off
     o.repetition_penalty = _number(body, "repetition_penalty", 0.01, 10, None)
     o.max_slices = _integer(body, "max_slices", 1, 36, None)
+    mode = body.get("downsample_mode")
+    if mode is not None and not (isinstance(mode, str) and 0 < len(mode) <= 8):
+        raise FieldError("downsample_mode", "'downsample_mode' must be a short string (MiniCPM-V 4.6: \"16x\" or "
+                         "\"4x\")")
+    o.downsample_mode = mode
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise FieldError("user", "'user' must be a string")
     kwargs = body.get("chat_template_kwargs")

@@ -123,20 +123,21 @@ def check_chat_template(fmt: PromptFormat) -> None:
 
 
 def image_placeholder(grid: tuple[int, int] | None, image_index: int, *, use_image_id: bool, query_num: int,
-                      tokens: Mapping[str, str], slice_tokens: Sequence[int] | None = None) -> str:
+                      tokens: Mapping[str, str], slice_tokens: Sequence[int] | None = None,
+                      pad_role: str = "image_pad") -> str:
     """HF `get_slice_image_placeholder` (docs/model.md §6.1): `[<image_id>i</image_id>]<image>` + pad*query_num +
     `</image>`, then, if sliced, `rows` lines of `cols` x `<slice>` + pad*query_num + `</slice>` joined by "\\n".
 
     `tokens` is `facts.special_tokens` (roles image_start, image_end, slice_start, slice_end,
     image_id_start, image_id_end, image_pad). `slice_tokens` (4.6, `PreprocessedImage.slice_tokens`): the pad
     count of each slice, overview first, instead of `query_num` for all (transformers
-    `MiniCPMV4_6Processor.replace_image_token`).
+    `MiniCPMV4_6Processor.replace_image_token`). `pad_role`: "video_pad" for 4.6 video frames.
     """
     n_slices = 1 + (grid[0] * grid[1] if grid is not None else 0)
     counts = [query_num] * n_slices if slice_tokens is None else [int(n) for n in slice_tokens]
     if len(counts) != n_slices:
         raise ValueError(f"{len(counts)} slice token counts for an image of {n_slices} slices (grid {grid})")
-    pad = tokens["image_pad"]
+    pad = tokens[pad_role]
     text = f"{tokens['image_id_start']}{image_index}{tokens['image_id_end']}" if use_image_id else ""
     text += tokens["image_start"] + pad * counts[0] + tokens["image_end"]
     if grid is not None:
@@ -146,10 +147,13 @@ def image_placeholder(grid: tuple[int, int] | None, image_index: int, *, use_ima
     return text
 
 
-def image_text(grid: tuple[int, int] | None, index: int, fmt: PromptFormat, *, use_image_id: bool | None = None) -> str:
-    """The placeholder of one image (`index` counts images from 0 over the prompt)."""
+def image_text(grid: tuple[int, int] | None, index: int, fmt: PromptFormat, *, use_image_id: bool | None = None,
+               slice_tokens: Sequence[int] | None = None, pad_role: str = "image_pad") -> str:
+    """The placeholder of one image (`index` counts images from 0 over the prompt); `slice_tokens` as in
+    `image_placeholder` (4.6: each slice's own count)."""
     uid = fmt.use_image_id if use_image_id is None else use_image_id
-    return image_placeholder(grid, index, use_image_id=uid, query_num=fmt.query_num, tokens=fmt.special_tokens)
+    return image_placeholder(grid, index, use_image_id=uid, query_num=fmt.query_num, tokens=fmt.special_tokens,
+                             slice_tokens=slice_tokens, pad_role=pad_role)
 
 
 def video_text(n_blocks: int, fmt: PromptFormat) -> str:

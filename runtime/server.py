@@ -596,7 +596,8 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
                 events = model.chat(messages, stream=True, thinking=req.thinking, seed=seed,
                                     max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
                                     top_k=api.top_k, repetition_penalty=api.repetition_penalty,
-                                    max_slices=api.max_slices, tools=api.tools_in_prompt, grammar=grammar,
+                                    max_slices=api.max_slices, downsample_mode=api.downsample_mode,
+                                    tools=api.tools_in_prompt, grammar=grammar,
                                     logprobs=api.logprobs, presence_penalty=api.presence_penalty,
                                     frequency_penalty=api.frequency_penalty, logit_bias=api.logit_bias,
                                     should_stop=lambda: cancel.is_set() or stop_here.is_set())

@@ -51,6 +51,7 @@ class PreprocessConfig:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     slicing: str = "llava_uhd"
     num_patches_per_side: int = 70
+    position_rule: str = "bucketize"   # facts.vision_position_ids ("nearest" for 4.6)
 
 
 @dataclass
@@ -130,6 +131,7 @@ class PreparedImage:
     image_tokens: int                # prompt positions its placeholder takes (the first image of a prompt)
     prefilled_tokens: int            # prompt positions `prepare_image` computed (1: the KV cache had them)
     timings: Timings
+    slice_tokens: list[int] | None = None   # placeholder tokens per slice where they vary (4.6), as planned
 
     @property
     def slices(self) -> int:
@@ -263,10 +265,17 @@ class MiniCPMV:
 
     def __init__(self, *, facts: ModelFacts, decoder: Decoder, vision: VisionBackend, resampler: Resampler,
                  prompt_format: PromptFormat, preprocess: PreprocessConfig, image_cache_size: int = 32,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, low_memory: bool = False):
-        """`low_memory`: the vision backend's session is freed after each call's images (reloaded when needed)."""
+                 max_pixels: int = DEFAULT_MAX_PIXELS, low_memory: bool = False,
+                 vision_modes: Mapping[str, Callable[[], VisionBackend]] | None = None):
+        """`low_memory`: the vision backend's session is freed after each call's images (reloaded when needed).
+        `vision_modes` (4.6, whose vision graphs merge patches): downsample mode -> a function that loads that
+        mode's graph, called on the mode's first request; `vision` runs the version's default mode."""
         self.facts, self.decoder, self.vision, self.resampler = facts, decoder, vision, resampler
         self.low_memory = low_memory
+        self._vision_loaders = dict(vision_modes or {})
+        self._vision_by_mode: dict[str, VisionBackend] = {}
+        if facts.default_downsample_mode is not None:
+            self._vision_by_mode[facts.default_downsample_mode] = vision
         self.prompt_format, self.preprocess_config = prompt_format, preprocess
         self.max_pixels = max_pixels
         self._cache: OrderedDict[str, _Encoded] = OrderedDict()
@@ -296,23 +305,54 @@ class MiniCPMV:
             raise MiniCPMVEdgeError(f"special token {token!r} is not a single token in this model's vocabulary")
         return ids[0]
 
+    # ----- downsample modes (4.6: how many patches become one LLM position; None for resampler versions)
+    def _downsample_mode(self, mode: str | None) -> str | None:
+        """The request's mode, checked: None picks the version's default (None for versions with a resampler)."""
+        if mode is None:
+            return self.facts.default_downsample_mode
+        try:
+            self.facts.downsample_side(mode)
+        except ValueError as exc:
+            raise MiniCPMVEdgeError(f"downsample_mode: {exc}") from None
+        return mode
+
+    def _vision_for(self, mode: str | None) -> VisionBackend:
+        if mode is None:
+            return self.vision
+        if mode not in self._vision_by_mode:
+            if mode not in self._vision_loaders:
+                raise MiniCPMVEdgeError(f"downsample_mode {mode!r}: this bundle has no vision graph for it (has: "
+                                        f"{', '.join(sorted({*self._vision_by_mode, *self._vision_loaders}))})")
+            self._vision_by_mode[mode] = self._vision_loaders[mode]()
+        return self._vision_by_mode[mode]
+
+    def _slice_tokens(self, shapes: Sequence[tuple[int, int]], mode: str | None) -> list[int] | None:
+        """LLM positions of each slice when the vision graph merges patches (`mode`), else None (query_num each)."""
+        if mode is None:
+            return None
+        side = self.facts.downsample_side(mode)
+        return [h * w // (side * side) for h, w in shapes]
+
     # ----- cheap checks: headers and arithmetic only, before any pixel is decoded or the ViT runs
-    def _check_slices(self, name: str, size: tuple[int, int], max_slices: int):
-        """(grid, slice count) of an image of `size`; refuses slices the ViT and resampler cannot take."""
+    def _check_slices(self, name: str, size: tuple[int, int], max_slices: int, mode: str | None = None):
+        """(grid, [(h, w) per slice]) of an image of `size`; refuses slices the ViT and resampler cannot take."""
         cfg = self.preprocess_config
-        grid, shapes = slice_shapes(size, max_slices, cfg.slice_size, cfg.patch_size, cfg.slicing)
+        grid, shapes = slice_shapes(size, max_slices, cfg.slice_size, cfg.patch_size, cfg.slicing,
+                                    downsample_mode=mode or "16x")
         longest = max(max(h, w) for h, w in shapes)
         if longest > MAX_SLICE_SIDE_PATCHES:
             raise ImageInputError(f"{name}: {size[0]}x{size[1]} is too elongated: a slice would be {longest} patches "
                                   f"long (the limit is {MAX_SLICE_SIDE_PATCHES})")
-        return grid, len(shapes)
+        return grid, shapes
 
-    def _plan_image(self, source: Any, max_slices: int, index: int) -> _Planned:
+    def _plan_image(self, source: Any, max_slices: int, index: int, mode: str | None = None) -> _Planned:
         if isinstance(source, PreparedImage):
-            return _Planned(source, image_text(source.grid, index, self.prompt_format), source.slices, 1)
+            text = image_text(source.grid, index, self.prompt_format, slice_tokens=source.slice_tokens)
+            return _Planned(source, text, source.slices, 1)
         head = read_image_header(source, max_pixels=self.max_pixels, name=f"image {index + 1}")
-        grid, n = self._check_slices(head.source, head.size, max_slices)
-        return _Planned(head, image_text(grid, index, self.prompt_format), n, 1)
+        grid, shapes = self._check_slices(head.source, head.size, max_slices, mode)
+        text = image_text(grid, index, self.prompt_format, slice_tokens=self._slice_tokens(shapes, mode))
+        return _Planned(head, text, len(shapes), 1)
 
     def _plan_video(self, video: VideoInput, index: int) -> _Planned:
         """The frames the recipe samples (from the container header or the given timestamps), the blocks they
@@ -350,32 +390,47 @@ class MiniCPMV:
                 self._check_slices(f"video frame {i}", size, 1)
             blocks = len(plan.groups)
             return _Planned(video, video_text(blocks, fmt), blocks, n_frames, plan)
-        grids, blocks = [], 0
+        mode = self.facts.default_downsample_mode
+        grids, blocks, frames = [], 0, []
         for i, size in enumerate(sizes):
-            grid, n = self._check_slices(f"video frame {i}", size, facts.video_max_slice_nums)
+            grid, shapes = self._check_slices(f"video frame {i}", size, facts.video_max_slice_nums, mode)
             grids.append(grid)
-            blocks += n
-        text = "\n".join(image_text(g, 0, fmt, use_image_id=False) for g in grids)
-        return _Planned(video, text, blocks, n_frames, plan, grids)
+            blocks += len(shapes)
+            frames.append(image_text(grid, 0, fmt, use_image_id=False, slice_tokens=self._slice_tokens(shapes, mode),
+                                     pad_role="video_pad" if "video_pad" in fmt.special_tokens else "image_pad"))
+        if "video_pad" in fmt.special_tokens:
+            # 4.6 (transformers MiniCPMV4_6Processor.replace_video_token): frames with <|video_pad|>, not separated,
+            # one <image_id> for the whole video (numbered among the videos), not counted among the image tags
+            text = "".join(frames)
+            if fmt.use_image_id:
+                text = f"{fmt.special_tokens['image_id_start']}{index}{fmt.special_tokens['image_id_end']}" + text
+            return _Planned(video, text, blocks, 0, plan, grids)
+        return _Planned(video, "\n".join(frames), blocks, n_frames, plan, grids)
 
-    def _plan(self, req: _Request, max_slices: int) -> list[_Planned]:
-        plans, tags = [], 0
+    def _plan(self, req: _Request, max_slices: int, mode: str | None = None) -> list[_Planned]:
+        plans, tags, videos = [], 0, 0
         for src in req.images:
             # <image_id> numbers count every image tag before it, video frames included, as the HF processor does
-            p = self._plan_video(src, tags) if isinstance(src, VideoInput) else self._plan_image(src, max_slices, tags)
+            # (4.6's processor numbers videos apart from images: its video plans count 0 image tags)
+            if isinstance(src, VideoInput):
+                p = self._plan_video(src, videos if "video_pad" in self.prompt_format.special_tokens else tags)
+                videos += 1
+            else:
+                p = self._plan_image(src, max_slices, tags, mode)
             plans.append(p)
             tags += p.tags
         return plans
 
     # ----- the expensive part: decode, slice, ViT, resampler
-    def _encode_image(self, head: ImageHeader | PreparedImage, max_slices: int, t: Timings, should_stop) -> _Encoded:
+    def _encode_image(self, head: ImageHeader | PreparedImage, max_slices: int, t: Timings, should_stop,
+                      mode: str | None = None) -> _Encoded:
         if isinstance(head, PreparedImage):
             t.image_cache_hits += 1
             return head.encoded
         cfg = self.preprocess_config
         t0 = time.perf_counter()
         loaded: LoadedImage = load_image(head, max_pixels=self.max_pixels)
-        key = f"{loaded.digest}:{max_slices}:{cfg.slice_size}:{cfg.slicing}"
+        key = f"{loaded.digest}:{max_slices}:{cfg.slice_size}:{cfg.slicing}" + (f":{mode}" if mode else "")
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
@@ -384,20 +439,22 @@ class MiniCPMV:
             return hit
         pre: PreprocessedImage = preprocess_image(
             loaded.image, max_slice_nums=max_slices, slice_size=cfg.slice_size, patch_size=cfg.patch_size,
-            mean=cfg.mean, std=cfg.std, slicing=cfg.slicing, max_pixels=self.max_pixels)
+            mean=cfg.mean, std=cfg.std, slicing=cfg.slicing, max_pixels=self.max_pixels,
+            downsample_mode=mode or "16x")
         t.preprocess += time.perf_counter() - t0
-        blocks = [self._encode_slice(s, t, should_stop) for s in pre.slices]
+        vision = self._vision_for(mode)
+        blocks = [self._encode_slice(s, t, should_stop, vision) for s in pre.slices]
         enc = _Encoded(pre.grid, blocks, key, geometry=ImageGeometry.of(loaded.image))
         self._cache[key] = enc
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return enc
 
-    def _encode_slice(self, s, t: Timings, should_stop) -> np.ndarray:
+    def _encode_slice(self, s, t: Timings, should_stop, vision: VisionBackend | None = None) -> np.ndarray:
         if should_stop is not None and should_stop():
             raise GenerationCancelled("stopped while encoding images")
         t1 = time.perf_counter()
-        feats = self.vision.encode(s)
+        feats = (vision or self.vision).encode(s)
         t2 = time.perf_counter()
         block = np.asarray(self.resampler.run(feats, *s.tgt_size), dtype=np.float32)
         t.vision += t2 - t1
@@ -497,8 +554,8 @@ class MiniCPMV:
              repetition_penalty: float | None = None, greedy: bool = False,
              should_stop: Callable[[], bool] | None = None, tools: Sequence[Mapping[str, Any]] | None = None,
              grammar: str | None = None, logprobs: int | None = None, presence_penalty: float = 0.0,
-             frequency_penalty: float = 0.0,
-             logit_bias: Mapping[int, float] | None = None) -> ChatResult | Iterator[StreamEvent]:
+             frequency_penalty: float = 0.0, logit_bias: Mapping[int, float] | None = None,
+             downsample_mode: str | None = None) -> ChatResult | Iterator[StreamEvent]:
         """Answer the conversation. `greedy=True` ignores the sampling defaults (argmax); otherwise unset
         parameters take the model's recommended values from the facts table. `should_stop` is polled after
         every token (a client went away, a stop string appeared): generation then ends early, normally.
@@ -506,12 +563,14 @@ class MiniCPMV:
 
         `tools` (OpenAI function specs) go to the chat template; `grammar` (from `grammar_engine()`, see
         runtime/structured.py) constrains the answer, after the reasoning when thinking; `logprobs=k` puts each
-        answer token's log-probability and its k most likely alternatives on the events and the result."""
+        answer token's log-probability and its k most likely alternatives on the events and the result.
+        `downsample_mode` (4.6): "16x" (the default, as transformers) or "4x" (4x the image positions)."""
         sampling = self._sampling(temperature, top_p, top_k, repetition_penalty, seed, greedy)
         sampling = replace(sampling, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                            logit_bias=logit_bias, top_logprobs=logprobs)
         events = self._run(messages, thinking=thinking, seed=seed, max_tokens=max_tokens, max_slices=max_slices,
-                           sampling=sampling, should_stop=should_stop, tools=tools, grammar=grammar)
+                           sampling=sampling, should_stop=should_stop, tools=tools, grammar=grammar,
+                           downsample_mode=downsample_mode)
         if stream:
             return events
         for ev in events:
@@ -539,14 +598,14 @@ class MiniCPMV:
 
     def prepare(self, messages: Sequence[Mapping[str, Any]], *, thinking: bool = False, max_slices: int | None = None,
                 timings: Timings | None = None, should_stop: Callable[[], bool] | None = None,
-                tools: Sequence[Mapping[str, Any]] | None = None) -> list:
+                tools: Sequence[Mapping[str, Any]] | None = None, downsample_mode: str | None = None) -> list:
         """Everything before the LLM: the cheap checks (headers, slice grids, frame counts, the whole prompt's
         length vs the context), then images and videos encoded (cached), split into token runs and embedding
         blocks ready for `decoder.prefill` / `decoder.generate`. `should_stop` is polled between slices."""
         return self._prepare(messages, thinking=thinking, max_slices=max_slices, timings=timings,
-                             should_stop=should_stop, tools=tools)[0]
+                             should_stop=should_stop, tools=tools, downsample_mode=downsample_mode)[0]
 
-    def _prepare(self, messages, *, thinking, max_slices, timings, should_stop, tools=None
+    def _prepare(self, messages, *, thinking, max_slices, timings, should_stop, tools=None, downsample_mode=None
                  ) -> tuple[list, list[ImageGeometry]]:
         """`prepare`, plus the geometry of each image in order (videos left out) for the grounding boxes."""
         if thinking and not self.facts.thinking:
@@ -559,7 +618,8 @@ class MiniCPMV:
         if chars > n_ctx * MAX_CHARS_PER_POSITION:
             raise ContextOverflowError(f"the messages hold {chars:,} characters; a {n_ctx}-token context holds at "
                                        f"most {n_ctx * MAX_CHARS_PER_POSITION:,}")
-        plans = self._plan(req, slices)
+        mode = self._downsample_mode(downsample_mode)
+        plans = self._plan(req, slices, mode)
         ids, spans = self._prompt_ids(req, plans, thinking, tools)
         if len(ids) >= n_ctx:
             raise ContextOverflowError(f"the prompt needs {len(ids)} positions ({len(spans)} image blocks of "
@@ -567,7 +627,7 @@ class MiniCPMV:
                                        "use fewer slices, images or frames, or shorten the text)")
         try:
             encoded = [self._encode_video(p, t, should_stop) if isinstance(p.source, VideoInput)
-                       else self._encode_image(p.source, slices, t, should_stop) for p in plans]
+                       else self._encode_image(p.source, slices, t, should_stop, mode) for p in plans]
         finally:
             self._release_vision()
         t.prompt_tokens = len(ids)
@@ -611,12 +671,15 @@ class MiniCPMV:
             encoded = self._encode_image(planned.source, slices, t, None)
         finally:
             self._release_vision()
-        grid = image.grid if isinstance(image, PreparedImage) else \
-            self._check_slices(planned.source.source, planned.source.size, slices)[0]
+        if isinstance(image, PreparedImage):
+            grid, slice_tokens = image.grid, image.slice_tokens
+        else:
+            grid, shapes = self._check_slices(planned.source.source, planned.source.size, slices)
+            slice_tokens = self._slice_tokens(shapes, None)
         n_tokens = self._placeholder_positions(planned.placeholder)
         # the prompt of a question about this image; its segments through the image's last block do not depend
         # on the question and are decoded in the same batches a cold run decodes them in
-        draft = PreparedImage(grid, encoded, slices, n_tokens, 0, t)
+        draft = PreparedImage(grid, encoded, slices, n_tokens, 0, t, slice_tokens)
         messages = ([{"role": "system", "content": system}] if system is not None else []) + \
             [{"role": "user", "content": [draft, "?"]}]
         segments = self.prepare(messages, thinking=thinking, max_slices=slices)
@@ -630,13 +693,13 @@ class MiniCPMV:
         return replace(draft, prefilled_tokens=t.prefilled_tokens)
 
     def _run(self, messages, *, thinking, seed, max_tokens, max_slices, sampling,
-             should_stop=None, tools=None, grammar=None) -> Iterator[StreamEvent]:
+             should_stop=None, tools=None, grammar=None, downsample_mode=None) -> Iterator[StreamEvent]:
         if max_tokens is not None and max_tokens < 1:
             raise MiniCPMVEdgeError(f"max_tokens must be at least 1, got {max_tokens}")
         t = Timings()
         t_start = time.perf_counter()
         segments, images = self._prepare(messages, thinking=thinking, max_slices=max_slices, timings=t,
-                                         should_stop=should_stop, tools=tools)
+                                         should_stop=should_stop, tools=tools, downsample_mode=downsample_mode)
         left = self.decoder.n_ctx - t.prompt_tokens
         if left <= 0:
             pass                   # the prompt alone overflows: prefill says so, naming the prompt's length

@@ -13,13 +13,13 @@ import pytest
 from minicpmv_edge.errors import CheckpointError
 from minicpmv_edge.export import synth
 from minicpmv_edge.export.checkpoint import Checkpoint, expected_tensors
-from minicpmv_edge.facts import SUPPORTED_VERSIONS, facts_for
+from minicpmv_edge.facts import RESAMPLER_VERSIONS, facts_for
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_checkpoint):
     """The session's tiny synthetic checkpoint of every version (read-only: tests copy before editing)."""
-    return {v: tiny_checkpoint(v) for v in SUPPORTED_VERSIONS}
+    return {v: tiny_checkpoint(v) for v in RESAMPLER_VERSIONS}
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -27,7 +27,7 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("version", SUPPORTED_VERSIONS)
+@pytest.mark.parametrize("version", RESAMPLER_VERSIONS)
 def test_tiny_checkpoint_reads_back(tiny, version):
     ckpt = Checkpoint.open(tiny[version])
     facts = facts_for(version)

@@ -22,11 +22,20 @@ def test_unknown_versions_are_refused_with_the_known_list(raw):
         facts_for(raw)
 
 
-def test_slot_for_46_is_listed_but_refused():
-    assert "4.6" in MODEL_FACTS and "4.6" not in SUPPORTED_VERSIONS
+def test_46_is_supported_end_to_end():
+    assert "4.6" in SUPPORTED_VERSIONS and facts_for("4.6").mmproj_projector_type == "minicpmv4_6"
+
+
+def test_a_listed_but_unsupported_slot_is_refused(monkeypatch):
+    """What the 4.6 slot was refused with before it was supported: a version in the table with supported=False."""
+    import dataclasses
+
+    from minicpmv_edge import facts as F
+    slot = dataclasses.replace(MODEL_FACTS["4.6"], version="9.9", supported=False, checkpoint_supported=False)
+    monkeypatch.setattr(F, "MODEL_FACTS", {**MODEL_FACTS, "9.9": slot})
     with pytest.raises(UnknownVersionError, match="not supported yet"):
-        facts_for("4.6")
-    assert facts_for("4.6", allow_unsupported=True).mmproj_projector_type == "minicpmv4_6"
+        facts_for("9.9")
+    assert facts_for("9.9", allow_unsupported=True).mmproj_projector_type == "minicpmv4_6"
 
 
 @pytest.mark.parametrize("version", SUPPORTED_VERSIONS)
@@ -36,7 +45,8 @@ def test_each_version_is_complete(version):
     assert len(tokens) == len(set(tokens))
     assert set(f.special_tokens.values()) <= set(tokens)
     assert set(f.stop_tokens) <= set(tokens)
-    assert f.mmproj_version is not None and f.llm_dims is not None
+    # a llama.cpp projector: the resampler one with its minicpmv_version, or the version's own (4.6: minicpmv4_6)
+    assert (f.mmproj_version is not None) == (f.mmproj_projector_type == "resampler") and f.llm_dims is not None
     assert (ROOT / "export" / "templates" / f"{f.chat_template}.jinja").is_file()
     assert f.thinking == ("think_start" in f.special_tokens)
 

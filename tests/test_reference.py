@@ -17,7 +17,7 @@ from torch import nn
 
 from minicpmv_edge.export import reference as R
 from minicpmv_edge.export.checkpoint import Checkpoint
-from minicpmv_edge.facts import SUPPORTED_VERSIONS
+from minicpmv_edge.facts import RESAMPLER_VERSIONS
 
 torch.manual_seed(0)
 
@@ -273,7 +273,7 @@ def _llm_only_folder(ckpt: Checkpoint, out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("version", SUPPORTED_VERSIONS)
+@pytest.mark.parametrize("version", RESAMPLER_VERSIONS)
 def test_llm_logits_match_from_pretrained(tiny_checkpoint, tmp_path, version):
     ckpt = Checkpoint.open(tiny_checkpoint(version))
     ours = R.build_llm(ckpt)
@@ -326,7 +326,7 @@ def _image(seed: int, size=(448, 448)):
     return Image.fromarray(((base + noise) % 256).astype(np.uint8), "RGB")
 
 
-@pytest.mark.parametrize("version", SUPPORTED_VERSIONS)
+@pytest.mark.parametrize("version", RESAMPLER_VERSIONS)
 def test_end_to_end_greedy(tiny_checkpoint, version):
     pytest.importorskip("minicpmv_edge.runtime.preprocess")
     ref = R.MiniCPMVReference.from_checkpoint(tiny_checkpoint(version))

@@ -14,12 +14,12 @@ from tokenizers import Tokenizer  # noqa: E402
 
 from minicpmv_edge.export.synth_text import corpus_lines  # noqa: E402
 from minicpmv_edge.export.synth_tokenizer import SPM_SPACE, chat_template_text, write_tokenizer  # noqa: E402
-from minicpmv_edge.facts import SUPPORTED_VERSIONS, facts_for  # noqa: E402
+from minicpmv_edge.facts import RESAMPLER_VERSIONS, facts_for  # noqa: E402
 
 TEST_SEED = 20240917  # not the training seed (0)
 
 
-@pytest.fixture(scope="module", params=SUPPORTED_VERSIONS)
+@pytest.fixture(scope="module", params=RESAMPLER_VERSIONS)
 def synth(request, tmp_path_factory):
     """(facts, out_dir, returned token count) for one version, written once per module."""
     facts = facts_for(request.param)
@@ -204,7 +204,7 @@ def test_chat_template(synth):
 
 
 def test_deterministic(tmp_path):
-    for version in SUPPORTED_VERSIONS:
+    for version in RESAMPLER_VERSIONS:
         facts = facts_for(version)
         a, b, c = tmp_path / f"{version}a", tmp_path / f"{version}b", tmp_path / f"{version}c"
         assert write_tokenizer(facts, a, seed=3) == write_tokenizer(facts, b, seed=3)

@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     t = _step("read and validate it")
     ckpt = Checkpoint.open(ckpt_dir)
     info = ckpt.summary()
-    print(f"    {info['llm_arch']} LLM {info['parameters']['llm'] / 1e6:.1f} M params, ViT "
-          f"{info['parameters']['vision'] / 1e6:.2f} M, resampler {info['parameters']['resampler'] / 1e6:.2f} M")
+    print(f"    {info['llm_arch']} LLM {info['parameters']['llm'] / 1e6:.1f} M params, "
+          + ", ".join(f"{'ViT' if role == 'vision' else role} {n / 1e6:.2f} M"
+                      for role, n in info["parameters"].items() if role != "llm"))
 
     bundle = args.out / "bundle"
     t = _step(f"export a bundle -> {bundle}")
@@ -107,10 +108,17 @@ def main(argv: list[str] | None = None) -> int:
           f"same answer: {again.token_ids == answer.token_ids}")
     model.close()
 
-    t = _step("torch reference, same question (greedy)")
-    ref = MiniCPMVReference.from_checkpoint(ckpt)
-    ids = ref.generate_greedy([{"role": "user", "content": QUESTION}], images=[Image.open(image_path)],
-                              max_new_tokens=args.max_tokens)
+    if ckpt.resampler is not None:
+        t = _step("torch reference, same question (greedy)")
+        ref = MiniCPMVReference.from_checkpoint(ckpt)
+        ids = ref.generate_greedy([{"role": "user", "content": QUESTION}], images=[Image.open(image_path)],
+                                  max_new_tokens=args.max_tokens)
+    else:   # transformers-native (4.6): transformers' own processor and model are the reference
+        from minicpmv_edge.export.reference_native import native_greedy, native_model, native_processor
+        t = _step("transformers reference (its own processor and generate), same question (greedy)")
+        _, ids = native_greedy(native_model(ckpt_dir), native_processor(ckpt_dir),
+                               [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+                               [Image.open(image_path)], max_new_tokens=args.max_tokens)
     same = ids == answer.token_ids
     print(f"    {len(ids)} tokens in {time.perf_counter() - t:.1f} s; identical to the runtime's: {same}")
 

@@ -8,6 +8,9 @@ Writes into DIR:
 - `vision-<name>-<precision>.onnx` (the SigLIP tower for one slice of any size) and, with --coreml, the
   `.mlpackage` variants;
 - `resampler-<name>-<dtype>.mvr`, the resampler weights the native kernels load;
+- MiniCPM-V 4.6 (no resampler): `vision-merger-16x-/4x-<name>-<precision>.onnx` instead of the vision graph and
+  resampler weights (tower + window merger + merger, one graph per downsample mode), and the mmproj of llama.cpp's
+  `minicpmv4_6` projector in the checkpoint's default mode;
 - `manifest.json`, describing all of it (see export/bundle.py).
 Every file is written under a temporary name and renamed when complete.
 """
@@ -75,7 +78,14 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types:
     quantized LLM type."""
     from minicpmv_edge.quantize.gguf_ladder import LADDER, RECIPES, llama_ftype, quantize_gguf
 
+    from minicpmv_edge.export.onnx_vision import open_vision_checkpoint
+
     ckpt = Checkpoint.open(checkpoint)
+    vision_ckpt = open_vision_checkpoint(ckpt)      # 4.6: the merger reader of the same folder
+    has_resampler = ckpt.config.resampler is not None
+    if fused_vision and not has_resampler:
+        raise MiniCPMVEdgeError(f"--fused-vision: MiniCPM-V {ckpt.version} has no resampler (its merger graphs "
+                                "already end in LLM embeddings)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = name or ckpt.root.name
@@ -131,7 +141,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types:
 
     for t in mmproj_types:
         t0 = time.perf_counter()
-        path = write_mmproj_gguf(ckpt, out_dir / file_name(FileKind.MMPROJ_GGUF, name, t), t)
+        path = write_mmproj_gguf(vision_ckpt, out_dir / file_name(FileKind.MMPROJ_GGUF, name, t), t)
         result.files.append(BundleFileSpec(path, FileKind.MMPROJ_GGUF, t))
         result.seconds[f"mmproj {t}"] = time.perf_counter() - t0
     vision_types = [] if vision_types is None else list(vision_types)
@@ -142,23 +152,29 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types:
         from minicpmv_edge.export.onnx_vision import export_onnx, export_vision_onnx
         t0 = time.perf_counter()
         if float_vision:
-            float_arts = export_vision_onnx(ckpt, out_dir, name, precisions=float_vision)
+            float_arts = export_vision_onnx(vision_ckpt, out_dir, name, precisions=float_vision)
         if fused_vision:
             float_arts.append(export_onnx(ckpt, out_dir / onnx_file_name(name, "fp32", "vision_resampler"),
                                           graph="vision_resampler"))
         result.files += [a.record() for a in float_arts]
         result.seconds["vision"] = time.perf_counter() - t0
     if int8:
+        from minicpmv_edge.export.onnx_vision import vision_graphs
         from minicpmv_edge.quantize.onnx_int8 import quantize_vision_onnx
         t0 = time.perf_counter()
-        # the fp32 graph just written is the int8 recipes' base: no second torch export of the tower
-        reuse = [a for a in float_arts if a.graph == "vision"]
-        result.files += [a.record() for a in quantize_vision_onnx(ckpt, out_dir, name, recipes=int8, reuse=reuse)]
+        # the fp32 graphs just written are the int8 recipes' bases: no second torch export of the tower
+        graphs = vision_graphs(vision_ckpt)
+        reuse = [a for a in float_arts if a.graph in graphs]
+        result.files += [a.record() for a in quantize_vision_onnx(vision_ckpt, out_dir, name, recipes=int8,
+                                                                  graphs=graphs, reuse=reuse)]
         result.seconds["vision int8"] = time.perf_counter() - t0
     if coreml_types:
         t0 = time.perf_counter()
         result.files += [a.record() for a in _export_coreml(ckpt, out_dir, name, coreml_types)]
         result.seconds["coreml"] = time.perf_counter() - t0
+    if resampler_types and not has_resampler:
+        result.notes.append(f"MiniCPM-V {ckpt.version} has no resampler: no resampler weights written")
+        resampler_types = []
     for dtype in ([] if resampler_types is None else resampler_types):
         from minicpmv_edge.export.resampler_weights import write_resampler_weights
         path = write_resampler_weights(ckpt, out_dir / file_name(FileKind.RESAMPLER_WEIGHTS, name, dtype), dtype)

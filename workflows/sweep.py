@@ -98,12 +98,16 @@ class SweepFiles:
     dir: str
     f16: str
     vision: dict[str, str]
-    resampler: str
+    resampler: str                 # "" when the version has none (4.6: the vision graph ends in LLM embeddings)
     imatrix: dict[str, str]        # mode -> imatrix GGUF ("none" has none)
     cache: str
     log: str
     threads: int
     keep_quantized: bool = True    # False: a cell deletes its quantized LLM when done (disk-bound big sweeps)
+
+    @property
+    def resampler_path(self) -> Path | None:
+        return Path(self.resampler) if self.resampler else None
 
     def llm(self, qtype: str, imatrix: str = "none") -> Path:
         """The cell's LLM file, quantized here if no one made it yet (a unique temporary name, then an atomic
@@ -128,31 +132,37 @@ def _prepare(ckpt, out: Path, llm_types, vision_types, imatrix_modes, threads: i
              calib_slices: int, keep_quantized: bool = True) -> SweepFiles:
     """F16 LLM, vision models, resampler weights and the importance matrices, into `<out>/files`."""
     from minicpmv_edge.export.gguf_llm import write_llm_gguf
+    from minicpmv_edge.export.onnx_vision import open_vision_checkpoint, vision_graphs
     from minicpmv_edge.export.resampler_weights import write_resampler_weights
     from minicpmv_edge.quantize.sweep_exec import checkpoint_id
+    from minicpmv_edge.runtime.bundle import kind_of_graph
     cid = checkpoint_id(ckpt)
+    # the vision graph a session runs: "vision" (2.6-4.5), or 4.6's merger graph of its default mode
+    vckpt = open_vision_checkpoint(ckpt)
+    modes = [ckpt.facts.default_downsample_mode] if ckpt.facts.default_downsample_mode else None
+    graph = vision_graphs(vckpt, downsample_modes=modes)[0]
     d = out / "files"
     d.mkdir(parents=True, exist_ok=True)
     (out / "cache").mkdir(exist_ok=True)
     f16 = d / file_name(FileKind.LLM_GGUF, cid, "F16")
     if not f16.exists():
         write_llm_gguf(ckpt, f16, "F16")
-    vision = {v: d / file_name(FileKind.VISION_ONNX, cid, v) for v in dict.fromkeys(["fp32", *vision_types])}
+    vision = {v: d / file_name(kind_of_graph(graph), cid, v) for v in dict.fromkeys(["fp32", *vision_types])}
     floats = [v for v, p in vision.items() if v in ("fp32", "fp16") and not p.exists()]
     if floats:
         # exported next door, then moved in: the exporter removes an fp32 it was not asked for
         from minicpmv_edge.export.onnx_vision import export_vision_onnx
         with tempfile.TemporaryDirectory(dir=d) as tmp:
-            export_vision_onnx(ckpt, tmp, cid, precisions=floats)
+            export_vision_onnx(vckpt, tmp, cid, precisions=floats, downsample_modes=modes)
             for f in Path(tmp).iterdir():
                 os.replace(f, d / f.name)
     for v, p in vision.items():
         if not p.exists():
             from minicpmv_edge.quantize.onnx_int8 import quantize_vision_onnx
-            quantize_vision_onnx(ckpt, d, cid, recipes=[v])
+            quantize_vision_onnx(vckpt, d, cid, recipes=[v], graphs=[graph])
     vision = {v: str(p) for v, p in vision.items()}
-    res = d / file_name(FileKind.RESAMPLER_WEIGHTS, cid, "f32")
-    if not res.exists():
+    res = d / file_name(FileKind.RESAMPLER_WEIGHTS, cid, "f32") if ckpt.resampler is not None else None
+    if res is not None and not res.exists():
         write_resampler_weights(ckpt, res, "f32")
     imatrix = {}
     for mode in imatrix_modes:
@@ -169,7 +179,7 @@ def _prepare(ckpt, out: Path, llm_types, vision_types, imatrix_modes, threads: i
                                  max_slices=calib_slices, progress=progress)
             im.save(path)
         imatrix[mode] = str(path)
-    return SweepFiles(str(ckpt.root), cid, str(d), str(f16), vision, str(res), imatrix, str(out / "cache"),
+    return SweepFiles(str(ckpt.root), cid, str(d), str(f16), vision, str(res or ""), imatrix, str(out / "cache"),
                       str(out / "results.jsonl"), threads, keep_quantized)
 
 
@@ -186,7 +196,7 @@ def _baselines(ckpt, files: SweepFiles, slices) -> dict[int, tuple[list, np.ndar
     for s in slices:
         base_file = Path(files.cache) / f"baseline-{files.ckpt_id}-slices{s}.npz"
         if not base_file.exists():
-            m = session_from_files(ckpt, Path(files.f16), Path(files.vision["fp32"]), Path(files.resampler),
+            m = session_from_files(ckpt, Path(files.f16), Path(files.vision["fp32"]), files.resampler_path,
                                    files.threads)
             conts, logps = [], []
             for msgs in _prompts():
@@ -215,7 +225,7 @@ def run_cell(spec: CellSpec, files: SweepFiles, baselines: dict[int, tuple[list,
     ckpt = Checkpoint.open(files.checkpoint)
     llm = files.llm(spec.llm, spec.imatrix)
     vision = Path(files.vision[spec.vision])
-    m = session_from_files(ckpt, llm, vision, Path(files.resampler), files.threads)
+    m = session_from_files(ckpt, llm, vision, files.resampler_path, files.threads)
     row: dict[str, Any] = {"llm": spec.llm, "imatrix": spec.imatrix, "vision": spec.vision, "slices": spec.slices,
                            "measure": spec.measure, "llm_file": llm.name, "llm_bytes": llm.stat().st_size,
                            "vision_bytes": vision.stat().st_size}
@@ -231,7 +241,7 @@ def run_cell(spec: CellSpec, files: SweepFiles, baselines: dict[int, tuple[list,
                 top1.append(float((lp.argmax(-1) == lq.argmax(-1)).mean()))
             counts, sizes, params = describe_gguf(llm)
             # embedding cosine of this vision precision vs fp32 on the sliced image (cached per precision)
-            cos = _embedding_cosine(ckpt, files, spec.vision, s, sweep_images()[1], Path(files.resampler),
+            cos = _embedding_cosine(ckpt, files, spec.vision, s, sweep_images()[1], files.resampler_path,
                                     Path(files.cache), files.threads) if spec.vision != "fp32" else 1.0
             row.update(bits_per_weight=8 * sum(sizes.values()) / params, kld_mean=float(np.mean(klds)),
                        top1=float(np.mean(top1)), embedding_cosine=cos)
@@ -332,11 +342,12 @@ def _vision_blocks(ckpt, files: SweepFiles, precision, s, image, res_path, cache
         return np.load(path)
     from minicpmv_edge.runtime.preprocess import preprocess_image
     from minicpmv_edge.runtime.resampler import load_resampler
-    from minicpmv_edge.runtime.vision import OnnxVision
-    vis = OnnxVision(files.vision[precision], threads=threads)
-    res = load_resampler(res_path, threads=threads)
-    pre = preprocess_image(image, max_slice_nums=s)
-    blocks = np.stack([res.run(vis.encode(sl), *sl.tgt_size) for sl in pre.slices])
+    from minicpmv_edge.runtime.vision import OnnxVision, ResamplerInGraph
+    vis = OnnxVision(files.vision[precision], threads=threads, position_rule=ckpt.facts.vision_position_ids)
+    res = load_resampler(res_path, threads=threads) if res_path else ResamplerInGraph(ckpt.llm.hidden_size)
+    pre = preprocess_image(image, max_slice_nums=s, slicing=ckpt.facts.slicing)
+    # every slice's rows, overview first (4.6 slices differ in row count, so rows are concatenated)
+    blocks = np.concatenate([res.run(vis.encode(sl), *sl.tgt_size) for sl in pre.slices])
     res.close()
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.npy")   # cells on other workers may write it too
     np.save(tmp, blocks)
@@ -358,16 +369,18 @@ def _embedding_cosine(ckpt, files, precision, s, image, res_path, cache, threads
 def _mmproj_column(ckpt, files: SweepFiles, image_448, types) -> list[dict[str, Any]]:
     """llama.cpp's clip on each mmproj type: file size and embedding cosine vs our fp32 path (448×448)."""
     from minicpmv_edge.export.gguf_mmproj import write_mmproj_gguf
+    from minicpmv_edge.export.onnx_vision import open_vision_checkpoint
     from minicpmv_edge.runtime.llamacpp_clip import LlamaCppClip
-    ref = _vision_blocks(ckpt, files, "fp32", 1, image_448, Path(files.resampler), Path(files.cache), files.threads)
+    ref = _vision_blocks(ckpt, files, "fp32", 1, image_448, files.resampler_path, Path(files.cache), files.threads)
+    ref = ref.reshape(-1, ref.shape[-1])      # one slice: the 448x448 image is not sliced
     rows = []
     for q in types:
         path = Path(files.dir) / file_name(FileKind.MMPROJ_GGUF, files.ckpt_id, q)
         if not path.exists():
-            write_mmproj_gguf(ckpt, path, q)
+            write_mmproj_gguf(open_vision_checkpoint(ckpt), path, q)
         with LlamaCppClip(path, files.f16, threads=files.threads) as clip:
             got = clip.encode(image_448)[0]
-        rows.append({"mmproj": q, "bytes": path.stat().st_size, "embedding_cosine": _cos_rows(got, ref[0])})
+        rows.append({"mmproj": q, "bytes": path.stat().st_size, "embedding_cosine": _cos_rows(got, ref)})
     return rows
 
 
