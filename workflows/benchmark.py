@@ -43,9 +43,9 @@ QUESTION = "Describe this image in detail."
 PROSE = ("The quick brown fox jumps over the lazy dog while the rain falls on the old stone bridge and a boat "
          "drifts slowly down the river towards the sea. ")
 # CPU features worth knowing when comparing kernels (x86: /proc/cpuinfo "flags"; ARM: "Features").
-KERNEL_FLAGS = ("sse4_2", "avx", "f16c", "fma", "bmi2", "avx2", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-                "avx512_bf16", "avx512vbmi", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "i8mm", "sve",
-                "sve2", "bf16")
+KERNEL_FLAGS = ("sse4_2", "avx", "f16c", "fma", "bmi2", "avx2", "avx_vnni", "avx512f", "avx512bw", "avx512vl",
+                "avx512_vnni", "avx512_bf16", "avx512vbmi", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp",
+                "i8mm", "sve", "sve2", "bf16")
 MAX_THREADS = 256
 MAX_REPS = 1000
 
@@ -93,8 +93,8 @@ STATUS_FIELDS = {"VmHWM": "peak_rss_mb", "VmRSS": "rss_mb", "RssAnon": "rss_anon
 
 def memory_snapshot() -> dict[str, float]:
     """This process's memory now, MB: VmHWM (peak resident since exec), VmRSS, and VmRSS split into RssAnon (heap,
-    llama.cpp's repacked weights, KV cache, ORT arena), RssFile (mmap'd model files) and RssShmem. Read inside the process
-    it describes: Linux carries ru_maxrss over fork+exec, VmHWM starts afresh at exec."""
+    llama.cpp's repacked weights, KV cache, ORT arena), RssFile (mmap'd model files) and RssShmem. Read inside the
+    process it describes: Linux carries ru_maxrss over fork+exec, VmHWM starts afresh at exec."""
     try:
         text = Path("/proc/self/status").read_text()
     except OSError:                  # not Linux: the peak only
@@ -240,7 +240,10 @@ def use_llama_lib(lib: Path) -> None:
     lib = lib.resolve()
     if not (lib / "libllama.so").is_file() and not (lib / "libllama.dylib").is_file():
         raise MiniCPMVEdgeError(f"{lib}: no libllama here (expected a llama-cpp-python lib folder)")
-    os.environ["LLAMA_CPP_LIB_PATH"] = os.environ["MTMD_CPP_LIB"] = str(lib)
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(lib)
+    if (lib / "libmtmd.so").is_file() or (lib / "libmtmd.dylib").is_file():
+        os.environ["MTMD_CPP_LIB"] = str(lib)
+    # else the installed libmtmd is loaded, and binds to this build's libllama/libggml already loaded (same sonames)
     variants = sorted(lib.glob("libggml-cpu-*.so")) + sorted(lib.glob("libggml-cpu-*.dylib"))
     if variants:
         ggml = ctypes.CDLL(str(next(p for p in (lib / "libggml.so", lib / "libggml.dylib") if p.exists())))
