@@ -27,8 +27,8 @@ from .decoder import ContextOverflowError, Decoder, Embeddings, Sampler, Samplin
 from .grounding import GroundedObject, GroundingStream, ImageGeometry, parse as parse_grounding
 from .images import ImageHeader, ImageInputError, LoadedImage, load_image, read_image_header, slice_shapes
 from .preprocess import DEFAULT_MAX_PIXELS, PreprocessedImage, preprocess_image
-from .prompt import (IMAGE_TAG, PromptFormat, image_spans, image_text, render, tokenize_prompt, untrusted,
-                     video_text)
+from .prompt import (IMAGE_TAG, PromptFormat, caller_tool_calls, caller_tools, image_spans, image_text, render,
+                     tokenize_prompt, untrusted, video_text)
 from .vision import VisionBackend
 
 class Resampler(Protocol):
@@ -222,6 +222,8 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> _Request:
         for key in ("tool_calls", "tool_call_id", "name", "reasoning_content"):   # read by tool-aware templates
             if msg.get(key) is not None:
                 text_msg[key] = msg[key]
+        if "tool_calls" in text_msg:                 # the caller's too: no control tokens from them either
+            text_msg["tool_calls"] = caller_tool_calls(text_msg["tool_calls"])
         out.messages.append(text_msg)
     return out
 
@@ -435,7 +437,8 @@ class MiniCPMV:
         """Token ids of the whole prompt (image slots filled with pads) and the [start, end) slot of every block;
         known before any vision work, so a prompt that cannot fit is refused first."""
         fmt = self.prompt_format
-        text = render(fmt, req.messages, enable_thinking=thinking if fmt.thinking else None, tools=tools)
+        text = render(fmt, req.messages, enable_thinking=thinking if fmt.thinking else None,
+                      tools=caller_tools(tools))
         specials = [*fmt.special_tokens.values(), *(t for t in (fmt.bos_token, fmt.eos_token) if t)]
         prefix = self.decoder.tokenize("", add_special=True, parse_special=False) if self.facts.bos_token else []
         ids, control = tokenize_prompt(text, [p.placeholder for p in plans], specials,
