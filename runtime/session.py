@@ -246,8 +246,9 @@ class MiniCPMV:
 
     def __init__(self, *, facts: ModelFacts, decoder: Decoder, vision: VisionBackend, resampler: Resampler,
                  prompt_format: PromptFormat, preprocess: PreprocessConfig, image_cache_size: int = 32,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, generation_config: Mapping[str, float] | None = None):
         self.facts, self.decoder, self.vision, self.resampler = facts, decoder, vision, resampler
+        self.generation_config = dict(generation_config or {})   # the checkpoint's sampling values (bundle)
         self.prompt_format, self.preprocess_config = prompt_format, preprocess
         self.max_pixels = max_pixels
         self._cache: OrderedDict[str, _Encoded] = OrderedDict()
@@ -477,14 +478,14 @@ class MiniCPMV:
              frequency_penalty: float = 0.0,
              logit_bias: Mapping[int, float] | None = None) -> ChatResult | Iterator[StreamEvent]:
         """Answer the conversation. `greedy=True` ignores the sampling defaults (argmax); otherwise unset
-        parameters take the model's recommended values from the facts table. `should_stop` is polled after
+        parameters take the mode's defaults (`sampling_defaults`). `should_stop` is polled after
         every token (a client went away, a stop string appeared): generation then ends early, normally.
         `max_tokens=None` runs to the end of the answer or of the context.
 
         `tools` (OpenAI function specs) go to the chat template; `grammar` (from `grammar_engine()`, see
         runtime/structured.py) constrains the answer, after the reasoning when thinking; `logprobs=k` puts each
         answer token's log-probability and its k most likely alternatives on the events and the result."""
-        sampling = self._sampling(temperature, top_p, top_k, repetition_penalty, seed, greedy)
+        sampling = self._sampling(temperature, top_p, top_k, repetition_penalty, seed, greedy, thinking)
         sampling = replace(sampling, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                            logit_bias=logit_bias, top_logprobs=logprobs)
         events = self._run(messages, thinking=thinking, seed=seed, max_tokens=max_tokens, max_slices=max_slices,
@@ -504,8 +505,13 @@ class MiniCPMV:
             self._grammar_engine = GrammarEngine(self.decoder.vocab, self.decoder.n_vocab, self.stop_ids[0])
         return self._grammar_engine
 
-    def _sampling(self, temperature, top_p, top_k, repetition_penalty, seed, greedy) -> SamplingParams:
-        d = self.facts.sampling
+    def sampling_defaults(self, thinking: bool = False):
+        """The sampling a request of this mode gets for what it leaves unset: the version's recipe (facts), with
+        the values it reads from generation_config.json taken from the checkpoint's own file (the bundle's)."""
+        return self.facts.sampling_defaults(thinking, self.generation_config)
+
+    def _sampling(self, temperature, top_p, top_k, repetition_penalty, seed, greedy, thinking) -> SamplingParams:
+        d = self.sampling_defaults(thinking)
         if greedy:
             return SamplingParams(temperature=0.0, seed=seed)
         return SamplingParams(temperature=d.temperature if temperature is None else temperature,
