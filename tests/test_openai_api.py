@@ -224,6 +224,43 @@ def test_tool_call_round_trip(base, stream):
     assert answer.usage.prompt_tokens > 0
 
 
+
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+        "additionalProperties": False}
+
+
+def test_response_format_with_tools_is_a_call_or_an_answer_in_the_format(served):
+    """As OpenAI allows: with tools and tool_choice "auto" the grammar lets the model call a tool or answer in
+    the response format, nothing else (never free text); with tool_choice "required" it must call. The tiny
+    random model prefers the answer, so half the seeds push the first token of `<tool_call>` with a logit bias:
+    the call branch must then give valid calls (a bias moves the choice between branches, the grammar still
+    decides)."""
+    base, model = served
+    client = _client(base)
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "strict": True, "schema": CITY}}
+    call_token = model.decoder.tokenize("<tool_call>", parse_special=True)[0]   # the marker or its first piece
+    kinds = []
+    for seed in range(8):
+        bias = {"logit_bias": {str(call_token): 30}, "parallel_tool_calls": False} if seed % 2 else {}
+        r = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, response_format=fmt, seed=seed,
+                                           max_tokens=120, extra_body=bias)
+        msg = r.choices[0].message
+        if msg.tool_calls:
+            assert r.choices[0].finish_reason == "tool_calls" and not (msg.content or "").strip()
+            for call in msg.tool_calls:
+                _check_call(call)
+            kinds.append("call")
+        else:
+            answer = json.loads(msg.content)
+            assert set(answer) == {"city"} and len(answer["city"]) <= 12, msg.content
+            kinds.append("answer")
+    print(f"\ntools + response_format, 8 seeds: {kinds.count('call')} tool calls, {kinds.count('answer')} answers")
+    assert kinds[1::2] == ["call"] * 4 and kinds[0::2].count("answer") >= 1
+    r = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, response_format=fmt, seed=0,
+                                       max_tokens=120, tool_choice="required", stream=True)
+    chunks = list(r)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+
 def test_named_tool_choice_forces_that_function(base):
     r = _client(base).chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, seed=9, max_tokens=80,
                                               tool_choice={"type": "function", "function": {"name": "get_time"}})
@@ -432,6 +469,4 @@ def test_bad_values_for_each_new_field_get_400_naming_it(base):
     for messages, param in zip(tool_msgs, ["messages[1].tool_call_id", "messages[1].tool_calls[0]"]):
         r = _post(base, {**good, "messages": messages})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
-    both = _post(base, {**good, "tools": TOOLS, "response_format": {"type": "json_object"}})
-    assert both.status_code == 400 and both.json()["error"]["param"] == "response_format"
     assert _post(base, good).status_code == 200
