@@ -281,17 +281,18 @@ def grammar_for(o: OpenAIOptions, model: Any) -> str | None:
     if o.response_format is None and not forced:
         return None
     engine = model.grammar_engine()
-    schema = None
-    if o.response_format is not None:
-        schema = {"type": "object"} if o.response_format.type == "json_object" else o.response_format.schema
     if o.tools_in_prompt is None:
-        json_schema = o.response_format.type == "json_schema"
-        return engine.json_schema(schema, "response_format.json_schema.schema" if json_schema else "response_format")
+        if o.response_format.type == "json_object":
+            return engine.json_object()
+        return engine.json_schema(o.response_format.schema)
+    answer = None                   # response_format with tools under "auto": the answer the call may give way to
+    if not forced:
+        answer = {"type": "object"} if o.response_format.type == "json_object" else o.response_format.schema
     single = [model.decoder.tokenize(m, parse_special=True) for m in ("<tool_call>", "</tool_call>")]
     open_id, close_id = (ids[0] if len(ids) == 1 else None for ids in single)
     text = call_grammar(o.tools, o.tool_name, o.parallel_tool_calls and o.tool_choice != "function", open_id,
-                        close_id, or_answer=None if forced else schema)
-    return engine.lark(text, "tools" if forced or schema is None else "response_format")
+                        close_id, or_answer=answer)
+    return engine.lark(text, "tools" if forced else "response_format")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -112,16 +112,24 @@ def _keep(browser, tmp_path, name):
     return Image.open(shot)
 
 
-def test_upload_ask_stream_timings_thinking_and_key(browser, site, tmp_path):
-    from selenium.webdriver.support.ui import Select, WebDriverWait
-    base, recorder = site
+def _fresh_page_with_photo(browser, base, tmp_path, size, shown):
+    """The page loaded afresh, its model name in, a demo photo of `size` picked (the page says `shown`);
+    returns a find-by-id."""
+    from selenium.webdriver.support.ui import WebDriverWait
     browser.get(base + "/")
     by_id = lambda i: browser.find_element("id", i)   # noqa: E731
     WebDriverWait(browser, 30).until(lambda b: by_id("model").text == "tiny")
     photo = tmp_path / "photo.png"
-    demo_image(448).resize((1600, 1200)).save(photo)
+    demo_image(448).resize(size).save(photo)
     by_id("file").send_keys(str(photo))
-    WebDriverWait(browser, 30).until(lambda b: "sent as 1344×1008" in by_id("imageinfo").text)
+    WebDriverWait(browser, 30).until(lambda b: shown in by_id("imageinfo").text)
+    return by_id
+
+
+def test_upload_ask_stream_timings_thinking_and_key(browser, site, tmp_path):
+    from selenium.webdriver.support.ui import Select
+    base, recorder = site
+    by_id = _fresh_page_with_photo(browser, base, tmp_path, (1600, 1200), "sent as 1344×1008")
     by_id("question").send_keys("What is in this picture?")
     Select(by_id("slices")).select_by_value("2")
     by_id("maxtokens").clear()
@@ -249,15 +257,8 @@ def test_an_answer_forced_into_a_box_is_drawn(browser, site, tmp_path):
     """Through the page's own request path: the response_format typed into "extra request fields" reaches the
     server, the grammar makes the answer a box, and the page draws it where runtime/grounding.py (the server's
     `boxes`) says: the box's colour on its left and right edges and on its label tag, the picture inside it."""
-    from selenium.webdriver.support.ui import WebDriverWait
     base, recorder = site
-    browser.get(base + "/")                      # a fresh page: no thinking, no key left from another test
-    by_id = lambda i: browser.find_element("id", i)   # noqa: E731
-    WebDriverWait(browser, 30).until(lambda b: by_id("model").text == "tiny")
-    photo = tmp_path / "photo.png"
-    demo_image(448).resize((800, 600)).save(photo)
-    by_id("file").send_keys(str(photo))
-    WebDriverWait(browser, 30).until(lambda b: "800×600" in by_id("imageinfo").text)
+    by_id = _fresh_page_with_photo(browser, base, tmp_path, (800, 600), "800×600")   # no thinking, no key
     by_id("question").send_keys("Where is the red disc? Answer with a box.")
     by_id("maxtokens").clear()
     by_id("maxtokens").send_keys("60")
