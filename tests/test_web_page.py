@@ -134,6 +134,8 @@ def test_upload_ask_stream_timings_thinking_and_key(browser, site, tmp_path):
     Select(by_id("slices")).select_by_value("2")
     by_id("maxtokens").clear()
     by_id("maxtokens").send_keys("24")
+    by_id("extrabox").click()
+    by_id("extra").send_keys('{"seed": 1}')      # the random model's answer, the same every run
     by_id("ask").click()
     _wait_done(browser)
 
@@ -152,6 +154,7 @@ def test_upload_ask_stream_timings_thinking_and_key(browser, site, tmp_path):
     sent = json.loads(recorder.requests[-1]["body"])
     assert sent["stream"] is True and sent["model"] == "tiny" and sent["max_tokens"] == 24
     assert sent["max_slices"] == 2 and sent["chat_template_kwargs"] == {"enable_thinking": False}
+    assert sent["seed"] == 1
     assert "authorization" not in recorder.requests[-1]["headers"]
     url = sent["messages"][0]["content"][0]["image_url"]["url"]
     assert url.startswith("data:image/jpeg;base64,")
