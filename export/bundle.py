@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from minicpmv_edge import __version__
-from minicpmv_edge.errors import BundleError, MiniCPMVEdgeError
+from minicpmv_edge.errors import BundleError, CheckpointError, MiniCPMVEdgeError
 from minicpmv_edge.runtime.bundle import (KINDS, MANIFEST, ONNX_VISION_KINDS, SCHEMA_VERSION,
-                                          FileEntry, FileKind, FileRecord, LLMSection, Manifest, ModelSection,
-                                          Parity, PreprocessSection, PromptSection, ResamplerSection, SourceSection,
-                                          VisionSection, Where, inside, regular_file, sha256_file, tree_digest)
+                                          FileEntry, FileKind, FileRecord, GenerationConfigSection, LLMSection,
+                                          Manifest, ModelSection, Parity, PreprocessSection, PromptSection,
+                                          ResamplerSection, SourceSection, VisionSection, Where, inside,
+                                          regular_file, sha256_file, tree_digest)
 from minicpmv_edge.runtime.prompt import IMAGE_TAG
+from minicpmv_edge import untrusted
 
 __all__ = ["BundleFileSpec", "write_manifest", "manifest_for", "model_section", "preprocess_section",
            "prompt_section", "verify_bundle", "VerifyReport", "measure_vision_parity", "file_entry", "sha256_file",
@@ -201,11 +203,26 @@ def prompt_section(ckpt) -> PromptSection:
         bos_token=_token_string(tok.get("bos_token")) or f.bos_token, eos_token=_token_string(tok.get("eos_token")))
 
 
+GENERATION_CONFIG = "generation_config.json"
+
+
+def generation_config_section(ckpt) -> GenerationConfigSection | None:
+    """The sampling values of the checkpoint's generation_config.json (None when it has none). Only the four the
+    runtime can use are kept; each is checked (BundleError naming the file and field)."""
+    path = ckpt.root / GENERATION_CONFIG
+    if not path.exists() and not path.is_symlink():
+        return None
+    raw = untrusted.read_json(untrusted.inside(ckpt.root, GENERATION_CONFIG, error=CheckpointError),
+                              error=CheckpointError)
+    names = [n for n, *_ in GenerationConfigSection.schema()]
+    return GenerationConfigSection.from_dict({n: raw[n] for n in names if raw.get(n) is not None}, Where(path))
+
+
 def manifest_for(ckpt, entries: list[FileEntry], *, name: str | None = None) -> Manifest:
     return Manifest(schema_version=SCHEMA_VERSION, name=name or ckpt.root.name,
                     created_by=f"minicpmv-edge {__version__}", created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     model=model_section(ckpt), preprocess=preprocess_section(ckpt), prompt=prompt_section(ckpt),
-                    files=entries)
+                    files=entries, generation_config=generation_config_section(ckpt))
 
 
 def write_manifest(bundle_dir: str | Path, ckpt, files: Iterable[Any], parity: Mapping[Any, Any] | None = None, *,

@@ -293,10 +293,12 @@ def synthesize(version: str, size: str, out: str | Path, *, seed: int = 0, overw
             (staging / CONFIG).write_text(json.dumps(p.config, indent=2) + "\n")
             _write_weights(p, staging, seed, progress, n_tokens)
         eos = [ids["eos"], ids["im_end"]] if native else ids["eos"]   # 4.6 stops on both
+        # the hub file's sampling values where we know them (facts.generation_config), else the recipe's
+        sampling = dict(facts.generation_config) or {
+            "temperature": facts.sampling.temperature, "top_p": facts.sampling.top_p,
+            "top_k": facts.sampling.top_k, "repetition_penalty": facts.sampling.repetition_penalty}
         (staging / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": ids.get("bos"), "eos_token_id": eos, "do_sample": True,
-             "temperature": facts.sampling.temperature, "top_p": facts.sampling.top_p,
-             "top_k": facts.sampling.top_k, "repetition_penalty": facts.sampling.repetition_penalty},
+            {"bos_token_id": ids.get("bos"), "eos_token_id": eos, "do_sample": True, **sampling},
             indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Mapping
+from typing import Any, Mapping
 
 from minicpmv_edge.errors import UnknownVersionError
 
@@ -129,6 +129,14 @@ class ModelFacts:
     video_default_packing: int = 1    # frames per block the recipe picks at most on its own (MAX_NUM_PACKING);
                                       # a request may ask for up to max_temporal_packing
     video_max_slice_nums: int = 1     # slices per video frame in the version's video recipe
+    # --- sampling per mode: `sampling` is the default without thinking, `thinking_sampling` with it (None: the
+    # same), as the official inference code runs. The names in `sampling_from_generation_config` (without, with
+    # thinking) are the values that code leaves to the checkpoint's generation_config.json instead of setting
+    # them itself: a bundle that carries the checkpoint's file uses its values for those (`sampling_defaults`).
+    # `generation_config`: the sampling values of the public hub file, which synth writes.
+    thinking_sampling: SamplingDefaults | None = None
+    sampling_from_generation_config: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    generation_config: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     # --- real dims, for synth only
     llm_rope_scaling: str | None = None  # rope_type in config.json's rope_scaling, if the real model has one
     vision_dims: VisionDims = field(default_factory=VisionDims)
@@ -148,6 +156,15 @@ class ModelFacts:
     # sides are multiples of patch_size * side). Empty: a fixed query_num per slice (the resampler).
     downsample_modes: tuple[tuple[str, int], ...] = ()
     default_downsample_mode: str | None = None
+
+    def sampling_defaults(self, thinking: bool, generation_config: Mapping[str, Any] | None = None
+                          ) -> SamplingDefaults:
+        """A mode's default sampling, with the values the recipe reads from generation_config.json taken from
+        `generation_config` (the checkpoint's own, as the bundle carries it) where it states them."""
+        base = self.thinking_sampling if thinking and self.thinking_sampling is not None else self.sampling
+        names = self.sampling_from_generation_config[1 if thinking else 0]
+        own = {k: generation_config[k] for k in names if generation_config and generation_config.get(k) is not None}
+        return replace(base, **own)
 
     def downsample_side(self, mode: str | None = None) -> int:
         """Patches merged per side in downsample `mode` (None: the default mode). ValueError names the modes."""
@@ -178,7 +195,9 @@ class ModelFacts:
         return tuple(dict.fromkeys(ordered))  # de-duplicate, keep first position
 
 
+# 2.6 and 4.0: `chat()` sets all four itself, in the one mode these versions have.
 _QWEN_SAMPLING = SamplingDefaults(temperature=0.7, top_p=0.8, top_k=100, repetition_penalty=1.05)
+_SAMPLING_NAMES = ("temperature", "top_p", "top_k", "repetition_penalty")
 
 # 2.6 is written out in full; later versions state only what changes, so the differences are the table.
 _V26 = ModelFacts(
@@ -260,7 +279,15 @@ _V45 = replace(
     default_system_prompt=None,
     extra_special_tokens=GROUNDING_TOKENS[:6],
     thinking=True,
+    # The 4.5 `chat()` (modeling_minicpmv.py) samples at temperature 0.7 and, without thinking only, sets top_p
+    # 0.8, top_k 100 and repetition_penalty 1.03 itself; with thinking those come from the hub's
+    # generation_config.json (temperature 0.6, top_p 0.95, top_k 20, Qwen3-8B's; no repetition_penalty:
+    # transformers' 1.0). Source: the hub files as vendored in github.com/PcOffeeP/FineTune_MLLM
+    # Model/MiniCPM-VL-4.5/ (a ModelScope download of openbmb/MiniCPM-V-4_5).
     sampling=SamplingDefaults(temperature=0.7, top_p=0.8, top_k=100, repetition_penalty=1.03),
+    thinking_sampling=SamplingDefaults(temperature=0.7, top_p=0.95, top_k=20, repetition_penalty=1.0),
+    sampling_from_generation_config=((), ("top_p", "top_k", "repetition_penalty")),
+    generation_config=MappingProxyType({"temperature": 0.6, "top_p": 0.95, "top_k": 20}),
     vision_model_type="siglip_vision_model",
     mmproj_version=6,
     video="temporal_resampler",
@@ -313,7 +340,11 @@ _V46 = replace(
                         "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
                         "<think>", "</think>"),
     thinking=True,                    # off unless enable_thinking=true (the template closes an empty think block)
+    # no chat() of its own: transformers' generate() takes every sampling value from generation_config.json
     sampling=SamplingDefaults(temperature=0.7, top_p=1.0, top_k=0, repetition_penalty=1.0),  # generation_config
+    thinking_sampling=None,
+    sampling_from_generation_config=(_SAMPLING_NAMES, _SAMPLING_NAMES),
+    generation_config=MappingProxyType({"temperature": 0.7, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}),
     vision_model_type="minicpmv4_6_vision",
     image_tokens=MappingProxyType({**IMAGE_TOKENS, "image_pad": "<|image_pad|>", "video_pad": "<|video_pad|>"}),
     slicing="llava_uhd_v46",

@@ -424,6 +424,24 @@ class PromptSection(Section):
                             eos_token=self.eos_token)
 
 
+# --- generation config ---------------------------------------------------------------------------
+
+@dataclass
+class GenerationConfigSection(Section):
+    """The sampling values of the checkpoint's generation_config.json, each as the file states it (absent: not
+    stated). The runtime uses them where the version's recipe reads them (facts.sampling_defaults)."""
+    temperature: float | None = spec(None, lo=0, hi=100)
+    top_p: float | None = spec(None, lo=0, hi=1)
+    top_k: int | None = spec(None, lo=0, hi=2 ** 24)
+    repetition_penalty: float | None = spec(None, lo=0, hi=100)
+    OMIT_WHEN_NONE = frozenset({"temperature", "top_p", "top_k", "repetition_penalty"})
+
+    def check(self, where: Where) -> None:
+        for name in ("top_p", "repetition_penalty"):    # 0 would make the sampler refuse every request
+            if getattr(self, name) == 0:
+                raise (where / name).error("must be greater than 0")
+
+
 # --- files -----------------------------------------------------------------------------------
 
 REL_PATH = dict(max_len=1024)
@@ -517,6 +535,8 @@ class Manifest(Section):
     name: str | None = spec(None, max_len=255)
     created_by: str | None = spec(None, max_len=255)
     created: str | None = spec(None, max_len=64)
+    generation_config: GenerationConfigSection | None = spec(None)
+    OMIT_WHEN_NONE = frozenset({"generation_config"})
 
     def check(self, where: Where) -> None:
         v, pre, prompt = self.model.vision, self.preprocess, self.prompt
@@ -880,7 +900,8 @@ def load(bundle: str | Path | Bundle, *, llm: str | None = None, vision: str | N
         raise
     model = MiniCPMV(facts=b.facts, decoder=decoder, vision=vis, resampler=res, prompt_format=m.prompt.format(),
                      preprocess=cfg, image_cache_size=image_cache_size, low_memory=low_memory,
-                     vision_modes=other_modes)
+                     vision_modes=other_modes,
+                     generation_config=m.generation_config.to_dict() if m.generation_config else None)
     model.bundle, model.files = b, {"llm": llm_file, "vision": vis_file, "resampler": res_file}
     model.vision_kind = vision_kind
     return model

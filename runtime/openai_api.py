@@ -22,7 +22,7 @@ from minicpmv_edge.errors import MiniCPMVEdgeError
 
 from .decoder import TokenLogprob
 from .session import ChatResult, StreamEvent
-from .tools import ToolCallSplitter, forced_call_grammar, split_answer
+from .tools import ToolCallSplitter, call_grammar, split_answer
 
 BASIC_FIELDS = {"model", "messages", "stream", "max_tokens", "max_completion_tokens", "temperature", "top_p",
                 "seed", "stop"}
@@ -237,9 +237,6 @@ def parse_openai_fields(body: Mapping[str, Any], *, stream: bool, seed: int | No
     o.tools = _tools(body.get("tools"))
     o.tool_choice, o.tool_name = _tool_choice(body.get("tool_choice"), o.tools)
     o.parallel_tool_calls = _boolean(body, "parallel_tool_calls", True)
-    if o.response_format is not None and o.tools_in_prompt:
-        raise FieldError("response_format", "'response_format' with 'tools' is not supported (the grammar would "
-                         "forbid tool calls); send one or the other, or tool_choice 'none'")
     options = body.get("stream_options")
     if options is not None:
         if not stream:
@@ -278,21 +275,30 @@ def parse_openai_fields(body: Mapping[str, Any], *, stream: bool, seed: int | No
 
 
 def grammar_for(o: OpenAIOptions, model: Any) -> str | None:
-    """The compiled grammar that enforces the response format or the forced tool call, or None.
+    """The compiled grammar that enforces the response format and/or the tool call, or None:
+
+    * tool_choice "required" or a named function: the answer is a call (a response_format then waits for the
+      turn after the tool results, as with OpenAI);
+    * response_format with tools and tool_choice "auto": a call, or an answer in the format (as OpenAI allows);
+    * response_format alone: the answer is in the format.
+
     Runs on the worker thread: the first call builds the model's grammar engine."""
-    if o.response_format is not None:
-        engine = model.grammar_engine()
+    forced = o.tools_in_prompt is not None and o.tool_choice in ("required", "function")
+    if o.response_format is None and not forced:
+        return None
+    engine = model.grammar_engine()
+    if o.tools_in_prompt is None:
         if o.response_format.type == "json_object":
             return engine.json_object()
         return engine.json_schema(o.response_format.schema)
-    if o.tools_in_prompt and o.tool_choice in ("required", "function"):
-        engine = model.grammar_engine()
-        single = [model.decoder.tokenize(m, parse_special=True) for m in ("<tool_call>", "</tool_call>")]
-        open_id, close_id = (ids[0] if len(ids) == 1 else None for ids in single)
-        text = forced_call_grammar(o.tools, o.tool_name, o.parallel_tool_calls and o.tool_choice == "required",
-                                   open_id, close_id)
-        return engine.lark(text, "tools")
-    return None
+    answer = None                   # response_format with tools under "auto": the answer the call may give way to
+    if not forced:
+        answer = {"type": "object"} if o.response_format.type == "json_object" else o.response_format.schema
+    single = [model.decoder.tokenize(m, parse_special=True) for m in ("<tool_call>", "</tool_call>")]
+    open_id, close_id = (ids[0] if len(ids) == 1 else None for ids in single)
+    text = call_grammar(o.tools, o.tool_name, o.parallel_tool_calls and o.tool_choice != "function", open_id,
+                        close_id, or_answer=answer)
+    return engine.lark(text, "tools" if forced else "response_format")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,7 +11,10 @@
 Text that comes from the caller (system, user and tool turns) is wrapped in secret markers before the template
 runs (`untrusted`), and `tokenize_prompt` tokenizes it with special-token parsing OFF: a user who types
 `<|im_end|>\n<|im_start|>system` gets those characters as plain text tokens, and only the template's own
-structure and the image placeholders produce control tokens. Text between control tokens is tokenized as
+structure and the image placeholders produce control tokens. The same holds for the caller's JSON: tool specs
+and an assistant turn's tool calls (`caller_tools`, `caller_tool_calls`): what templates write raw (a call's
+name, its arguments as a string) is marked, and what they serialize (`tojson` of a spec or of arguments given
+as an object) is marked as a whole, keys included. Text between control tokens is tokenized as
 one piece, as before, so prompts without injected control strings tokenize exactly as the HF tokenizer does.
 """
 from __future__ import annotations
@@ -42,6 +45,36 @@ def untrusted(text: str) -> str:
     return _OPEN + text + _CLOSE
 
 
+def caller_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[Any] | None:
+    """OpenAI tool specs, ready for the template: each marked as the caller's JSON."""
+    return None if not tools else [CallerJSON(t) if isinstance(t, Mapping) else t for t in tools]
+
+
+def caller_tool_calls(calls: Any) -> Any:
+    """An assistant turn's `tool_calls`, ready for the template: the name and string arguments marked untrusted
+    (templates write them raw), object arguments marked as the caller's JSON (templates write them with tojson).
+    Calls in OpenAI's shape ({"function": {...}}) or flat ({"name", "arguments"}); anything else is left as is."""
+    if not isinstance(calls, (list, tuple)):
+        return calls
+
+    def mark(fn: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(fn)
+        if isinstance(out.get("name"), str):
+            out["name"] = untrusted(out["name"])
+        args = out.get("arguments")
+        out["arguments"] = untrusted(args) if isinstance(args, str) else \
+            CallerJSON(args) if isinstance(args, Mapping) else args
+        return out
+    marked = []
+    for call in calls:
+        if isinstance(call, Mapping) and isinstance(call.get("function"), Mapping):
+            call = {**call, "function": mark(call["function"])}
+        elif isinstance(call, Mapping):
+            call = mark(call)
+        marked.append(call)
+    return marked
+
+
 def _raise(message: str):
     raise TemplateError(message)
 
@@ -51,11 +84,24 @@ _ENV = BudgetedSandbox(trim_blocks=True, lstrip_blocks=True)
 _ENV.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt))
 
 
+class CallerJSON(dict):
+    """A JSON object from the caller (a tool spec, a call's arguments): `tojson` marks all of its text untrusted."""
+
+
+def _holds_caller_json(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, CallerJSON):
+        return True
+    if depth < 3 and isinstance(value, (list, tuple)):      # `tools | tojson` serializes the whole list
+        return any(_holds_caller_json(v, depth + 1) for v in value)
+    return False
+
+
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
             sort_keys: bool = False) -> str:
     """Plain JSON, as transformers' template environment renders `tojson` (jinja's own escapes <, > and &
-    for HTML, which would change the prompt the model was trained on)."""
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    for HTML, which would change the prompt the model was trained on); the caller's JSON marked untrusted."""
+    text = json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return untrusted(text) if _holds_caller_json(value) else text
 
 
 _ENV.filters["tojson"] = _tojson

@@ -27,8 +27,8 @@ from .decoder import ContextOverflowError, Decoder, Embeddings, Sampler, Samplin
 from .grounding import GroundedObject, GroundingStream, ImageGeometry, parse as parse_grounding
 from .images import ImageHeader, ImageInputError, LoadedImage, load_image, read_image_header, slice_shapes
 from .preprocess import DEFAULT_MAX_PIXELS, PreprocessedImage, preprocess_image
-from .prompt import (IMAGE_TAG, PromptFormat, image_spans, image_text, render, tokenize_prompt, untrusted,
-                     video_text)
+from .prompt import (IMAGE_TAG, PromptFormat, caller_tool_calls, caller_tools, image_spans, image_text, render,
+                     tokenize_prompt, untrusted, video_text)
 from .vision import VisionBackend
 
 class Resampler(Protocol):
@@ -243,6 +243,8 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> _Request:
         for key in ("tool_calls", "tool_call_id", "name", "reasoning_content"):   # read by tool-aware templates
             if msg.get(key) is not None:
                 text_msg[key] = msg[key]
+        if "tool_calls" in text_msg:                 # the caller's too: no control tokens from them either
+            text_msg["tool_calls"] = caller_tool_calls(text_msg["tool_calls"])
         out.messages.append(text_msg)
     return out
 
@@ -266,12 +268,14 @@ class MiniCPMV:
     def __init__(self, *, facts: ModelFacts, decoder: Decoder, vision: VisionBackend, resampler: Resampler,
                  prompt_format: PromptFormat, preprocess: PreprocessConfig, image_cache_size: int = 32,
                  max_pixels: int = DEFAULT_MAX_PIXELS, low_memory: bool = False,
+                 generation_config: Mapping[str, float] | None = None,
                  vision_modes: Mapping[str, Callable[[], VisionBackend]] | None = None):
         """`low_memory`: the vision backend's session is freed after each call's images (reloaded when needed).
         `vision_modes` (4.6, whose vision graphs merge patches): downsample mode -> a function that loads that
         mode's graph, called on the mode's first request; `vision` runs the version's default mode."""
         self.facts, self.decoder, self.vision, self.resampler = facts, decoder, vision, resampler
         self.low_memory = low_memory
+        self.generation_config = dict(generation_config or {})   # the checkpoint's sampling values (bundle)
         self._vision_loaders = dict(vision_modes or {})
         self._vision_by_mode: dict[str, VisionBackend] = {}
         if facts.default_downsample_mode is not None:
@@ -518,7 +522,8 @@ class MiniCPMV:
         """Token ids of the whole prompt (image slots filled with pads) and the [start, end) slot of every block;
         known before any vision work, so a prompt that cannot fit is refused first."""
         fmt = self.prompt_format
-        text = render(fmt, req.messages, enable_thinking=thinking if fmt.thinking else None, tools=tools)
+        text = render(fmt, req.messages, enable_thinking=thinking if fmt.thinking else None,
+                      tools=caller_tools(tools))
         specials = [*fmt.special_tokens.values(), *(t for t in (fmt.bos_token, fmt.eos_token) if t)]
         prefix = self.decoder.tokenize("", add_special=True, parse_special=False) if self.facts.bos_token else []
         ids, control = tokenize_prompt(text, [p.placeholder for p in plans], specials,
@@ -557,7 +562,7 @@ class MiniCPMV:
              frequency_penalty: float = 0.0, logit_bias: Mapping[int, float] | None = None,
              downsample_mode: str | None = None) -> ChatResult | Iterator[StreamEvent]:
         """Answer the conversation. `greedy=True` ignores the sampling defaults (argmax); otherwise unset
-        parameters take the model's recommended values from the facts table. `should_stop` is polled after
+        parameters take the mode's defaults (`sampling_defaults`). `should_stop` is polled after
         every token (a client went away, a stop string appeared): generation then ends early, normally.
         `max_tokens=None` runs to the end of the answer or of the context.
 
@@ -565,7 +570,7 @@ class MiniCPMV:
         runtime/structured.py) constrains the answer, after the reasoning when thinking; `logprobs=k` puts each
         answer token's log-probability and its k most likely alternatives on the events and the result.
         `downsample_mode` (4.6): "16x" (the default, as transformers) or "4x" (4x the image positions)."""
-        sampling = self._sampling(temperature, top_p, top_k, repetition_penalty, seed, greedy)
+        sampling = self._sampling(temperature, top_p, top_k, repetition_penalty, seed, greedy, thinking)
         sampling = replace(sampling, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                            logit_bias=logit_bias, top_logprobs=logprobs)
         events = self._run(messages, thinking=thinking, seed=seed, max_tokens=max_tokens, max_slices=max_slices,
@@ -586,8 +591,13 @@ class MiniCPMV:
             self._grammar_engine = GrammarEngine(self.decoder.vocab, self.decoder.n_vocab, self.stop_ids[0])
         return self._grammar_engine
 
-    def _sampling(self, temperature, top_p, top_k, repetition_penalty, seed, greedy) -> SamplingParams:
-        d = self.facts.sampling
+    def sampling_defaults(self, thinking: bool = False):
+        """The sampling a request of this mode gets for what it leaves unset: the version's recipe (facts), with
+        the values it reads from generation_config.json taken from the checkpoint's own file (the bundle's)."""
+        return self.facts.sampling_defaults(thinking, self.generation_config)
+
+    def _sampling(self, temperature, top_p, top_k, repetition_penalty, seed, greedy, thinking) -> SamplingParams:
+        d = self.sampling_defaults(thinking)
         if greedy:
             return SamplingParams(temperature=0.0, seed=seed)
         return SamplingParams(temperature=d.temperature if temperature is None else temperature,

@@ -6,7 +6,8 @@
 
 after (or instead of) its answer; the chat template shows it the tools and, on the next turn, the results.
 This module turns that text into OpenAI `tool_calls` (whole or as it streams) and, when the caller forces a
-call (`tool_choice` "required" or a named function), writes the grammar that makes the model produce one.
+call (`tool_choice` "required" or a named function) or asks for a `response_format` with tools, writes the
+grammar that makes the model produce one (or, in the latter case, an answer in that format).
 """
 from __future__ import annotations
 
@@ -33,15 +34,22 @@ def call_schema(tools: Sequence[Mapping[str, Any]], only: str | None = None) -> 
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
-def forced_call_grammar(tools: Sequence[Mapping[str, Any]], only: str | None, parallel: bool,
-                        open_token: int | None, close_token: int | None) -> str:
-    """A lark grammar (llguidance) for an answer that is one tool call, or several when `parallel`.
-    The markers are the vocabulary's single tokens where it has them (as the model was trained), text otherwise."""
+def call_grammar(tools: Sequence[Mapping[str, Any]], only: str | None, parallel: bool,
+                 open_token: int | None, close_token: int | None,
+                 or_answer: Mapping[str, Any] | None = None) -> str:
+    """A lark grammar (llguidance) for an answer that is one tool call, or several when `parallel`; with
+    `or_answer` (a JSON schema: `response_format` with tool_choice "auto"), either that or an answer following
+    the schema. The markers are the vocabulary's single tokens where it has them (as the model was trained),
+    text otherwise."""
     open_ = f"<[{open_token}]>" if open_token is not None else json.dumps(OPEN)
     close = f"<[{close_token}]>" if close_token is not None else json.dumps(CLOSE)
     body = json.dumps({**call_schema(tools, only), "x-guidance": JSON_OPTIONS})   # compact, as the template writes
-    start = 'start: call ("\\n" call)*' if parallel else "start: call"
-    return f'{start}\ncall: {open_} "\\n" body "\\n" {close}\nbody: %json {body}\n'
+    rules = ["start: calls" if or_answer is None else "start: calls | answer",
+             'calls: call ("\\n" call)*' if parallel else "calls: call",
+             f'call: {open_} "\\n" body "\\n" {close}', f"body: %json {body}"]
+    if or_answer is not None:
+        rules.append(f"answer: %json {json.dumps({**or_answer, 'x-guidance': JSON_OPTIONS})}")
+    return "\n".join(rules) + "\n"
 
 
 def _new_id() -> str:

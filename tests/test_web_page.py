@@ -1,10 +1,9 @@
 """The page `serve` shows at /, in headless Chromium (Debian's chromium + chromium-driver, driven by selenium):
 pick an image (shrunk in the browser), ask, watch the answer stream in, the timing bar fill and the cache badge;
 thinking folded, the API key sent; the page's grounding parser agrees with runtime/grounding.py and its boxes land
-on the right canvas pixels. Screenshots are kept under artifacts/web-page/ (ignored by git).
-
-The end-to-end "answer forced into a box" case waits for the structured-output constraint (response_format, in
-another branch): a tiny random model never writes a box, so the drawing is tested on a known answer here."""
+on the right canvas pixels; and, end to end, an answer forced into a box by the structured-output constraint
+(response_format sent through the page's "extra request fields") is drawn where the server's own grounding
+parser puts it. Screenshots are kept under artifacts/web-page/ (ignored by git)."""
 from __future__ import annotations
 
 import base64
@@ -57,7 +56,8 @@ def browser(tmp_path_factory):
 
 
 class Recorder:
-    """ASGI wrapper that keeps each chat request's headers and JSON body, to check what the page sent."""
+    """ASGI wrapper that keeps each chat request's headers and JSON body, to check what the page sent, and the
+    response body, to check what the server answered."""
 
     def __init__(self, app):
         self.app, self.requests = app, []
@@ -65,14 +65,19 @@ class Recorder:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
             return await self.app(scope, receive, send)
-        record = {"headers": {k.decode(): v.decode() for k, v in scope["headers"]}, "body": b""}
+        record = {"headers": {k.decode(): v.decode() for k, v in scope["headers"]}, "body": b"", "response": b""}
         self.requests.append(record)
 
         async def recording_receive():
             message = await receive()
             record["body"] += message.get("body", b"")
             return message
-        return await self.app(scope, recording_receive, send)
+
+        async def recording_send(message):
+            if message["type"] == "http.response.body":
+                record["response"] += message.get("body", b"")
+            await send(message)
+        return await self.app(scope, recording_receive, recording_send)
 
 
 @pytest.fixture(scope="module")
@@ -107,20 +112,30 @@ def _keep(browser, tmp_path, name):
     return Image.open(shot)
 
 
-def test_upload_ask_stream_timings_thinking_and_key(browser, site, tmp_path):
-    from selenium.webdriver.support.ui import Select, WebDriverWait
-    base, recorder = site
+def _fresh_page_with_photo(browser, base, tmp_path, size, shown):
+    """The page loaded afresh, its model name in, a demo photo of `size` picked (the page says `shown`);
+    returns a find-by-id."""
+    from selenium.webdriver.support.ui import WebDriverWait
     browser.get(base + "/")
     by_id = lambda i: browser.find_element("id", i)   # noqa: E731
     WebDriverWait(browser, 30).until(lambda b: by_id("model").text == "tiny")
     photo = tmp_path / "photo.png"
-    demo_image(448).resize((1600, 1200)).save(photo)
+    demo_image(448).resize(size).save(photo)
     by_id("file").send_keys(str(photo))
-    WebDriverWait(browser, 30).until(lambda b: "sent as 1344×1008" in by_id("imageinfo").text)
+    WebDriverWait(browser, 30).until(lambda b: shown in by_id("imageinfo").text)
+    return by_id
+
+
+def test_upload_ask_stream_timings_thinking_and_key(browser, site, tmp_path):
+    from selenium.webdriver.support.ui import Select
+    base, recorder = site
+    by_id = _fresh_page_with_photo(browser, base, tmp_path, (1600, 1200), "sent as 1344×1008")
     by_id("question").send_keys("What is in this picture?")
     Select(by_id("slices")).select_by_value("2")
     by_id("maxtokens").clear()
     by_id("maxtokens").send_keys("24")
+    by_id("extrabox").click()
+    by_id("extra").send_keys('{"seed": 1}')      # the random model's answer, the same every run
     by_id("ask").click()
     _wait_done(browser)
 
@@ -139,6 +154,7 @@ def test_upload_ask_stream_timings_thinking_and_key(browser, site, tmp_path):
     sent = json.loads(recorder.requests[-1]["body"])
     assert sent["stream"] is True and sent["model"] == "tiny" and sent["max_tokens"] == 24
     assert sent["max_slices"] == 2 and sent["chat_template_kwargs"] == {"enable_thinking": False}
+    assert sent["seed"] == 1
     assert "authorization" not in recorder.requests[-1]["headers"]
     url = sent["messages"][0]["content"][0]["image_url"]["url"]
     assert url.startswith("data:image/jpeg;base64,")
@@ -226,3 +242,75 @@ def test_page_draws_boxes_and_points_on_the_canvas(browser, site, tmp_path):
     assert px["insideAfter"] == px["insideBefore"]
     assert px["chips"] == 2 and px["ref"] == "cat" and "<box>" not in px["text"] and "<ref>" not in px["text"]
     _keep(browser, tmp_path, "page-boxes.png")
+
+
+# The structured-output constraint (response_format json_schema) forces the whole answer to be one JSON string
+# that is a labelled box; the corners are held to x1, y1 in 100..399 and x2, y2 in 600..999 so the box is big
+# enough to probe its edges. The tiny random model never writes a box by itself: every box here is the grammar's.
+BOX_PATTERN = r"^<ref>[a-z]{1,8}</ref><box>[1-3][0-9]{2} [1-3][0-9]{2} [6-9][0-9]{2} [6-9][0-9]{2}</box>$"
+
+
+def _final_chunk(sse: bytes) -> dict:
+    events = [json.loads(line[6:]) for line in sse.decode().split("\n")
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    return next(e for e in reversed(events) if "timings" in e)
+
+
+def test_an_answer_forced_into_a_box_is_drawn(browser, site, tmp_path):
+    """Through the page's own request path: the response_format typed into "extra request fields" reaches the
+    server, the grammar makes the answer a box, and the page draws it where runtime/grounding.py (the server's
+    `boxes`) says: the box's colour on its left and right edges and on its label tag, the picture inside it."""
+    base, recorder = site
+    by_id = _fresh_page_with_photo(browser, base, tmp_path, (800, 600), "800×600")   # no thinking, no key
+    by_id("question").send_keys("Where is the red disc? Answer with a box.")
+    by_id("maxtokens").clear()
+    by_id("maxtokens").send_keys("60")
+    by_id("extrabox").click()                    # unfold "extra request fields"
+    n_sent = len(recorder.requests)
+    by_id("extra").send_keys('{"seed": 3,')     # not JSON: refused in the page, nothing sent
+    by_id("ask").click()
+    assert "extra request fields: not valid JSON" in by_id("status").text
+    assert len(recorder.requests) == n_sent
+    fmt = {"type": "json_schema", "json_schema": {"name": "box", "strict": True,
+                                                  "schema": {"type": "string", "pattern": BOX_PATTERN}}}
+    by_id("extra").clear()
+    by_id("extra").send_keys(json.dumps({"seed": 3, "response_format": fmt}))
+    by_id("ask").click()
+    _wait_done(browser)
+    assert by_id("status").text.startswith("done (stop)"), by_id("status").text
+
+    sent = json.loads(recorder.requests[-1]["body"])
+    assert sent["response_format"] == fmt and sent["seed"] == 3 and sent["stream"] is True
+    assert sent["max_tokens"] == 60 and sent["messages"][0]["content"][0]["type"] == "image_url"
+    final = _final_chunk(recorder.requests[-1]["response"])
+    [box] = final["boxes"]                                   # the server's parser: one box, on the sent image
+    print(f"\nforced answer {by_id('answer').text!r}; server box {box}")
+    assert box["kind"] == "box" and box["image"] == 0
+    x1, y1, x2, y2 = box["pixels"]
+    assert [round(v, 2) for v in (box["coords"][0] * 0.8, box["coords"][1] * 0.6, box["coords"][2] * 0.8,
+                                  box["coords"][3] * 0.6)] == box["pixels"]   # 800 x 600 sent, 0-1000 scale
+
+    # the page: the label as a ref, one box chip titled with its coordinates
+    assert browser.find_element("css selector", "#answer .ref").text == box["label"]
+    chips = browser.find_elements("css selector", "#answer .shape")
+    assert [(c.text, c.get_attribute("title")) for c in chips] == [("box 1", " ".join(map(str, box["coords"])))]
+    # the canvas (800 x 600, one pixel per image pixel): lines max(2, round(600 / 200)) = 3 px wide centred on
+    # the edges; the label tag (20 px font + 4) sits above the top-left corner, its first 3 px plain colour
+    px = browser.execute_script("""
+        const view = document.getElementById('view'), ctx = view.getContext('2d');
+        const at = ([x, y]) => [...ctx.getImageData(x, y, 1, 1).data.slice(0, 3)];
+        const probes = arguments[0], drawn = probes.map(at);
+        minicpmv.drawObjects([]);                          // the picture alone, to compare with
+        const bare = probes.map(at);
+        return {size: [view.width, view.height], drawn, bare};""",
+        [[int(x1), int((y1 + y2) / 2)], [int(x2), int((y1 + y2) / 2)], [int(x1) + 2, int(y1) - 23],
+         [int((x1 + x2) / 2), int((y1 + y2) / 2)]])
+    assert px["size"] == [800, 600]
+    red = [230, 25, 75]                                       # the first label colour, as in runtime/grounding.py
+    left, right, tag, inside = zip(px["drawn"], px["bare"])
+    assert left[0] == right[0] == tag[0] == red, px
+    assert red not in (left[1], right[1], tag[1]), px          # the colour came from the drawing, not the picture
+    assert inside[0] == inside[1]                             # inside the box, the picture is untouched
+    browser.execute_script("minicpmv.drawObjects(arguments[0]);", [
+        {"kind": "box", "label": box["label"], "coords": box["coords"]}])       # back as it was, for the shot
+    _keep(browser, tmp_path, "page-forced-box.png")
