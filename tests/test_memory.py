@@ -3,6 +3,7 @@ its own process, so one load does not inflate the other), and low-memory mode fr
 from __future__ import annotations
 
 import json
+import mmap
 import subprocess
 import sys
 from pathlib import Path
@@ -22,13 +23,16 @@ linux_only = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="
 def test_memory_status_follows_an_allocation():
     before = memory.memory_status()
     assert before is not None and before["rss"] > 0 and before["anon"] + before["file"] <= before["rss"]
-    block = np.ones(64 * 2 ** 20, dtype=np.uint8)         # 64 MiB, touched
+    # 64 MiB of fresh private pages from the kernel, touched (a malloc'd block could reuse heap that earlier tests in
+    # this process freed and left resident, and not grow RSS at all)
+    block = mmap.mmap(-1, 64 * 2 ** 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    block.write(b"\x01" * (64 * 2 ** 20))
     after = memory.memory_status()
     grew = after["anon"] - before["anon"]
     print(f"\n64 MiB allocated: RssAnon +{grew / 2 ** 20:.1f} MiB, peak {after['peak'] / 2 ** 20:.0f} MiB")
     assert 60 * 2 ** 20 <= grew <= 80 * 2 ** 20
     assert memory.peak_rss_bytes() >= memory.rss_bytes() >= after["rss"] - 8 * 2 ** 20
-    del block
+    block.close()
     assert memory.peak_rss_bytes() >= after["rss"] - 4 * 2 ** 20   # the peak remembers the freed block (the
     # kernel updates VmHWM lazily: within a few pages)
     if memory.reset_peak():                                    # a stage's own peak starts from here
