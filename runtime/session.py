@@ -657,7 +657,8 @@ class MiniCPMV:
     def image_tokens(self, image: Any, *, max_slices: int | None = None) -> int:
         """Prompt positions `image` will take (as the first image of a prompt), from its header alone: nothing is
         decoded or encoded. The same count `prepare_image` reports after encoding."""
-        return self._placeholder_positions(self._plan_image(image, self._slices(max_slices), 0).placeholder)
+        mode = self._downsample_mode(None)
+        return self._placeholder_positions(self._plan_image(image, self._slices(max_slices), 0, mode).placeholder)
 
     def _placeholder_positions(self, placeholder: str) -> int:
         fmt = self.prompt_format
@@ -676,16 +677,17 @@ class MiniCPMV:
         slices = self._slices(max_slices)
         t = Timings()
         t0 = time.perf_counter()
-        planned = self._plan_image(image, slices, 0)
+        mode = self._downsample_mode(None)      # the version's default (4.6: "16x"; None with a resampler)
+        planned = self._plan_image(image, slices, 0, mode)
         try:
-            encoded = self._encode_image(planned.source, slices, t, None)
+            encoded = self._encode_image(planned.source, slices, t, None, mode)
         finally:
             self._release_vision()
         if isinstance(image, PreparedImage):
             grid, slice_tokens = image.grid, image.slice_tokens
         else:
-            grid, shapes = self._check_slices(planned.source.source, planned.source.size, slices)
-            slice_tokens = self._slice_tokens(shapes, None)
+            grid, shapes = self._check_slices(planned.source.source, planned.source.size, slices, mode)
+            slice_tokens = self._slice_tokens(shapes, mode)
         n_tokens = self._placeholder_positions(planned.placeholder)
         # the prompt of a question about this image; its segments through the image's last block do not depend
         # on the question and are decoded in the same batches a cold run decodes them in

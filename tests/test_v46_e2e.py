@@ -244,3 +244,27 @@ def test_sweep_runs_on_4_6(tiny_checkpoint, tmp_path):
     assert by[1]["sliced_image_slices"] == 1 < by[4]["sliced_image_slices"]
     assert not list((out / "files").glob("resampler-*")) and list((out / "files").glob("vision-merger-16x-*"))
     assert [c["mmproj"] for c in clip] == ["F16"] and clip[0]["embedding_cosine"] > 0.999
+
+
+def test_prepare_image_on_4_6_counts_and_answers_like_a_cold_run(model46):
+    """An image prepared ahead on 4.6 takes the per-slice `<|image_pad|>` counts of the default 16x mode (not the
+    resampler versions' query_num) and answers the question with a cold run's prompt; the greedy tokens are
+    compared and printed (the recurrent state's snapshot decodes the image's last row on its own, so the logits
+    may differ in the last bits: the bound is most of the 32 tokens, the measured count is printed)."""
+    image = _image(1000, 700, 3)
+    question = "What is in the picture?"
+    model46.forget()
+    cold = model46.chat([{"role": "user", "content": [{"type": "image", "image": image}, question]}],
+                        greedy=True, max_tokens=N_NEW)
+    model46.forget()
+    prepared = model46.prepare_image(image)
+    assert prepared.image_tokens == model46.image_tokens(image)
+    assert prepared.slice_tokens is not None and len(prepared.slice_tokens) == prepared.slices > 1
+    warm = model46.chat([{"role": "user", "content": [prepared, question]}], greedy=True, max_tokens=N_NEW)
+    same = sum(a == b for a, b in zip(cold.token_ids, warm.token_ids))
+    print(f"\n4.6 prepare_image: {prepared.slices} slices, {prepared.image_tokens} image positions, prompt "
+          f"{warm.timings.prompt_tokens} (cold {cold.timings.prompt_tokens}), {warm.timings.prefilled_tokens} "
+          f"prefilled after preparing, vision slices {warm.timings.slices}; tokens equal {same}/{len(cold.token_ids)}")
+    assert warm.timings.prompt_tokens == cold.timings.prompt_tokens
+    assert warm.timings.slices == 0 and warm.timings.prefilled_tokens < cold.timings.prompt_tokens // 4
+    assert same >= len(cold.token_ids) // 2
