@@ -158,7 +158,8 @@ def _text_config(raw: dict, path: Path, facts: ModelFacts) -> LLMConfig:
     )
 
 
-def _vision_config(raw: dict, path: Path, facts: ModelFacts) -> VisionConfig:
+def read_vision_config(raw: dict, path: Path, facts: ModelFacts) -> VisionConfig:
+    """The SigLIP fields of a 4.6 config.json's `vision_config`, validated (also used by merger_tower)."""
     vc = _object(raw, "vision_config", path)
     w = "vision_config."
     if vc.get("model_type", facts.vision_model_type) != facts.vision_model_type:
@@ -186,7 +187,7 @@ def _vision_config(raw: dict, path: Path, facts: ModelFacts) -> VisionConfig:
 def parse_native_config(raw: dict[str, Any], path: Path, facts: ModelFacts, preprocessor: dict[str, Any] | None,
                         preprocessor_path: Path) -> CheckpointConfig:
     """Validate a transformers-native (4.6) config.json (+ preprocessor_config.json) into the reader's config."""
-    vision = _vision_config(raw, path, facts)
+    vision = read_vision_config(raw, path, facts)
     llm = _text_config(raw, path, facts)
     insert = _get(raw, "insert_layer_id", path, default=facts.insert_layer_id)
     if not 0 <= insert < vision.num_hidden_layers:

@@ -21,7 +21,7 @@ vision exporters tell a 4.6 folder from a 2.6 - 4.5 one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from minicpmv_edge.errors import CheckpointError
 from minicpmv_edge.facts import ModelFacts, facts_for
 
 from .checkpoint import CONFIG, PREPROCESSOR_CONFIG, VisionConfig, _index_tensors, _read_json
+from .checkpoint_native import read_vision_config
 from .safetensors_io import TensorInfo, load_tensor
 
 __all__ = ["MODEL_TYPES", "MergerVisionConfig", "MergerCheckpoint", "MergerSliceModel", "is_merger_checkpoint",
@@ -117,16 +118,8 @@ def parse_merger_config(raw: Any, path: Path, pre: dict | None = None) -> tuple[
     if mode not in dict(facts.downsample_modes):
         raise CheckpointError(path, f"expected one of {sorted(dict(facts.downsample_modes))}, got {mode!r}",
                               "downsample_mode")
-    num = (int, float)
     cfg = MergerVisionConfig(
-        hidden_size=_field(vc, "hidden_size", path, v),
-        num_hidden_layers=_field(vc, "num_hidden_layers", path, v),
-        num_attention_heads=_field(vc, "num_attention_heads", path, v),
-        intermediate_size=_field(vc, "intermediate_size", path, v),
-        patch_size=_field(vc, "patch_size", path, v, default=14),
-        image_size=_field(vc, "image_size", path, v, default=980),
-        layer_norm_eps=float(_field(vc, "layer_norm_eps", path, v, num, 1e-6)),
-        hidden_act=_field(vc, "hidden_act", path, v, (str,), "gelu_pytorch_tanh"),
+        **asdict(read_vision_config(raw, path, facts)),      # the SigLIP fields, as the checkpoint reader reads them
         # MiniCPMV4_6Config copies its own insert_layer_id into the vision config, so the top level wins
         insert_layer_id=_field(raw, "insert_layer_id", path, "", default=vc.get("insert_layer_id", 6)),
         merger_times=_field(raw, "merger_times", path, "", default=1),
@@ -137,9 +130,6 @@ def parse_merger_config(raw: Any, path: Path, pre: dict | None = None) -> tuple[
         norm_mean=_triple(pre, "image_mean", pre_path),
         norm_std=_triple(pre, "image_std", pre_path),
     )
-    if cfg.hidden_size % cfg.num_attention_heads:
-        raise CheckpointError(path, f"hidden_size {cfg.hidden_size} is not divisible by num_attention_heads "
-                              f"{cfg.num_attention_heads}", v + "num_attention_heads")
     if not 0 <= cfg.insert_layer_id < cfg.num_hidden_layers:
         raise CheckpointError(path, f"{cfg.insert_layer_id} is not a layer of the {cfg.num_hidden_layers}-layer "
                               "vision tower", "insert_layer_id")
