@@ -26,12 +26,12 @@ from pathlib import Path
 from minicpmv_edge.errors import MiniCPMVEdgeError
 
 LOAD_MODES = ("auto", "read", "mmap", "mmap-norepack")
-_STATUS_FIELDS = {"VmRSS": "rss", "VmHWM": "peak", "RssAnon": "anon", "RssFile": "file"}
+_STATUS_FIELDS = {"VmRSS": "rss", "VmHWM": "peak", "RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
 
 
 def memory_status(pid: int | str = "self") -> dict[str, int] | None:
-    """{"rss", "peak", "anon", "file"} of a process in bytes, from /proc/<pid>/status (VmRSS, VmHWM, RssAnon,
-    RssFile); None where there is no /proc. `peak` is the high-water mark since the process started (or since
+    """{"rss", "peak", "anon", "file", "shmem"} of a process in bytes, from /proc/<pid>/status (VmRSS, VmHWM,
+    RssAnon, RssFile, RssShmem); None where there is no /proc. `peak` is the high-water mark since the process started (or since
     `reset_peak()`)."""
     try:
         text = Path(f"/proc/{pid}/status").read_text()

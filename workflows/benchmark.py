@@ -37,6 +37,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from minicpmv_edge.errors import MiniCPMVEdgeError
+from minicpmv_edge.runtime.memory import memory_status
 
 QUESTION = "Describe this image in detail."
 # The kernel comparison's prompt: plain prose, tokenized by the model's own vocabulary, repeated to length.
@@ -87,24 +88,18 @@ def peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2 ** 20
 
 
-STATUS_FIELDS = {"VmHWM": "peak_rss_mb", "VmRSS": "rss_mb", "RssAnon": "rss_anon_mb", "RssFile": "rss_file_mb",
-                 "RssShmem": "rss_shmem_mb"}
+_SNAPSHOT_KEYS = {"peak": "peak_rss_mb", "rss": "rss_mb", "anon": "rss_anon_mb", "file": "rss_file_mb",
+                  "shmem": "rss_shmem_mb"}
 
 
 def memory_snapshot() -> dict[str, float]:
     """This process's memory now, MB: VmHWM (peak resident since exec), VmRSS, and VmRSS split into RssAnon (heap,
     llama.cpp's repacked weights, KV cache, ORT arena), RssFile (mmap'd model files) and RssShmem. Read inside the
     process it describes: Linux carries ru_maxrss over fork+exec, VmHWM starts afresh at exec."""
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:                  # not Linux: the peak only
+    status = memory_status()
+    if status is None:               # not Linux: the peak only
         return {"peak_rss_mb": peak_rss_mb()}
-    out = {}
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        if key in STATUS_FIELDS:
-            out[STATUS_FIELDS[key]] = int(rest.split()[0]) / 1024
-    return out
+    return {_SNAPSHOT_KEYS[k]: v / 2 ** 20 for k, v in status.items()}
 
 
 def memory_bandwidth_gbs(size_mb: int = 1024, reps: int = 5, threads: int = 2) -> float:
