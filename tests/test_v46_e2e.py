@@ -248,9 +248,8 @@ def test_sweep_runs_on_4_6(tiny_checkpoint, tmp_path):
 
 def test_prepare_image_on_4_6_counts_and_answers_like_a_cold_run(model46):
     """An image prepared ahead on 4.6 takes the per-slice `<|image_pad|>` counts of the default 16x mode (not the
-    resampler versions' query_num) and answers the question with a cold run's prompt; the greedy tokens are
-    compared and printed (the recurrent state's snapshot decodes the image's last row on its own, so the logits
-    may differ in the last bits: the bound is most of the 32 tokens, the measured count is printed)."""
+    resampler versions' query_num) and answers the question with a cold run's prompt and greedy tokens (the
+    recurrent state's snapshot decodes the image's last row on its own; measured: 32 of 32 equal)."""
     image = _image(1000, 700, 3)
     question = "What is in the picture?"
     model46.forget()
@@ -267,4 +266,4 @@ def test_prepare_image_on_4_6_counts_and_answers_like_a_cold_run(model46):
           f"prefilled after preparing, vision slices {warm.timings.slices}; tokens equal {same}/{len(cold.token_ids)}")
     assert warm.timings.prompt_tokens == cold.timings.prompt_tokens
     assert warm.timings.slices == 0 and warm.timings.prefilled_tokens < cold.timings.prompt_tokens // 4
-    assert same >= len(cold.token_ids) // 2
+    assert warm.token_ids == cold.token_ids
