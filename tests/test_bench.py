@@ -101,6 +101,11 @@ def test_bench_sweep_contended_and_tables_on_tiny_bundle(tiny_bundle, tmp_path, 
         assert (t, "quiet", "ours", "decode_overhead_ms_per_token") in keys
     assert "### 2 threads, contended, 1 busy-loop processes" in printed and "### Memory, 1 threads" in printed
     assert out["md"].read_text().strip() == printed.strip()
+    # each phase was also appended as it finished (a long run killed midway keeps its finished phases)
+    phases = [json.loads(x) for x in out["json"].with_suffix(".progress.jsonl").read_text().splitlines()]
+    assert [(p["threads"], p["condition"]) for p in phases] == [(1, "quiet"), (1, "contended"), (2, "quiet"),
+                                                                  (2, "contended")]
+    assert phases[1]["ours"]["ttft"] == report["runs"][1]["ours"]["ttft"]
 
 
 def test_bench_compares_llama_builds_each_in_its_own_process(tiny_bundle, tmp_path):

@@ -32,7 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -49,6 +49,7 @@ KERNEL_FLAGS = ("sse4_2", "avx", "f16c", "fma", "bmi2", "avx2", "avx_vnni", "avx
                 "i8mm", "sve", "sve2", "bf16")
 MAX_THREADS = 256
 MAX_REPS = 1000
+PhaseHook = Callable[[dict[str, Any]], None]
 
 
 @dataclass
@@ -646,7 +647,8 @@ def _bench_image_file(image: Path | None, folder: Path) -> str:
 
 
 def _paths_run(bundle: Path, image: str, threads: int, *, reps: int, n_decode: int, max_slices: int | None,
-               llm: str | None, vision: str | None, baseline: bool, n_ctx: int, contended: int) -> dict[str, Any]:
+               llm: str | None, vision: str | None, baseline: bool, n_ctx: int, contended: int,
+               on_phase: PhaseHook) -> dict[str, Any]:
     """Ours vs llama.cpp mtmd at one thread count: quiet (and contended) runs, memory per stage, overheads."""
     spec = {"bundle": str(bundle), "image": image, "threads": threads, "n_decode": n_decode,
             "max_slices": max_slices, "llm": llm, "vision": vision, "n_ctx": n_ctx}
@@ -665,6 +667,7 @@ def _paths_run(bundle: Path, image: str, threads: int, *, reps: int, n_decode: i
             with background_load(procs):
                 runs.append({"threads": threads, "condition": condition, "background_procs": procs,
                              **_interleave(workers, reps)})
+            on_phase({"phase": "paths", "memory": memory, **runs[-1]})
         overhead = {name: w("overhead") for name, w in workers.items()}
         for name, w in workers.items():
             memory[name]["end"] = w("memory")
@@ -678,7 +681,7 @@ def _bundle_mmproj(bundle: Path) -> Path | None:
 
 
 def _kernels_run(llm_path: str, builds: dict[str, Path], threads: int, *, reps: int, n_decode: int,
-                 prompt_tokens: int, contended: int) -> list[dict[str, Any]]:
+                 prompt_tokens: int, contended: int, on_phase: PhaseHook) -> list[dict[str, Any]]:
     """The LLM's prefill and decode speed with each llama.cpp build, one process per build, interleaved."""
     spec = {"llm": llm_path, "threads": threads, "n_decode": n_decode, "prompt_tokens": prompt_tokens}
     out = []
@@ -696,17 +699,21 @@ def _kernels_run(llm_path: str, builds: dict[str, Path], threads: int, *, reps: 
                 out.append({"build": name, "lib": str(builds[name]), "threads": threads, "condition": condition,
                             "background_procs": procs, "llama_cpp": info[name]["llama_cpp"],
                             "memory": memory[name], **res})
+            on_phase({"phase": "kernels", "threads": threads, "condition": condition, "builds": results})
     return out
 
 
 def run_bench(bundle: Path, *, image: Path | None = None, reps: int = 5, n_decode: int = 128,
               max_slices: int | None = None, threads: int | list[int] = 2, llm: str | None = None,
               vision: str | None = None, baseline: bool = True, n_ctx: int = 4096, contended: int = 0,
-              llama_libs: dict[str, Path] | None = None, prompt_tokens: int = 128) -> dict[str, Any]:
+              llama_libs: dict[str, Path] | None = None, prompt_tokens: int = 128,
+              on_phase: PhaseHook | None = None) -> dict[str, Any]:
     """Per thread count, our path and llama.cpp's, each in its own process, loaded and warmed up, then their
     repetitions alternate (ours, llama.cpp, ours, ...): on a shared or thermally throttled machine the speed
     drifts over minutes, and alternating keeps the drift out of the ratios. `bundle` may also be a bare LLM GGUF:
-    then only the kernel comparison runs (`llama_libs`, plus the installed build as "default")."""
+    then only the kernel comparison runs (`llama_libs`, plus the installed build as "default"). `on_phase` gets
+    each (threads, condition) phase's results as soon as it finishes: a run of an hour is not lost to its end."""
+    on_phase = on_phase or (lambda _: None)
     sweep = [threads] if isinstance(threads, int) else list(threads)
     fp = hardware_fingerprint()
     report: dict[str, Any] = {
@@ -727,14 +734,15 @@ def run_bench(bundle: Path, *, image: Path | None = None, reps: int = 5, n_decod
             per: dict[str, Any] = {}
             if not only_llm:
                 paths = _paths_run(bundle, img, t, reps=reps, n_decode=n_decode, max_slices=max_slices, llm=llm,
-                                   vision=vision, baseline=baseline, n_ctx=n_ctx, contended=contended)
+                                   vision=vision, baseline=baseline, n_ctx=n_ctx, contended=contended,
+                                   on_phase=on_phase)
                 llm_path = paths["info"]["ours"]["llm"]
                 report["runs"] += paths.pop("runs")
                 per.update(paths)
             if builds:
                 report.setdefault("builds", []).extend(
                     _kernels_run(llm_path, builds, t, reps=reps, n_decode=n_decode, prompt_tokens=prompt_tokens,
-                                 contended=contended))
+                                 contended=contended, on_phase=on_phase))
             bw = memory_bandwidth_gbs(threads=t)
             per_tok = gguf_bytes_per_token(Path(llm_path))
             per["decode_bound"] = {"bandwidth_gbs": bw, "bytes_per_token": per_tok, "tok_s": bw * 1e9 / per_tok}
@@ -938,6 +946,19 @@ def _bounded(lo: int, hi: int):
     return parse
 
 
+def _log_phase(phase: dict[str, Any], progress: Path | None) -> None:
+    """One line on stderr per finished phase; with a progress file, the phase's full results appended to it."""
+    series = phase.get("builds") if phase["phase"] == "kernels" else {
+        k: v for k, v in phase.items() if k in ("ours", "llama_cpp")}
+    summary = ", ".join(f"{name} {k} {s['median']:.4g}" for name, res in series.items()
+                        for k, s in res.items() if k in ("ttft", "decode_tok_s", "prefill_tok_s", "prepared_ttft"))
+    print(f"[bench] {phase['phase']} threads={phase['threads']} {phase['condition']} done: {summary}",
+          file=sys.stderr, flush=True)
+    if progress:
+        with progress.open("a") as f:  # one write per line: a killed run leaves whole lines
+            f.write(json.dumps(phase) + "\n")
+
+
 def _llama_lib(text: str) -> tuple[str, Path]:
     name, sep, folder = text.partition("=")
     if not sep or not name or not folder:
@@ -971,13 +992,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", type=Path, help="also write one row per measured series here (CSV)")
     ap.add_argument("--jsonl", type=Path, help="the same rows as JSON lines, each with the full fingerprint")
     ap.add_argument("--markdown", type=Path, help="also write the printed tables here")
+    ap.add_argument("--progress", type=Path,
+                    help="append each finished phase's results here as one JSON line (default: next to --json)")
     args = ap.parse_args(argv)
     if not args.bundle.exists():
         ap.error(f"{args.bundle}: no such bundle folder or GGUF file")
+    progress = args.progress or (args.json.with_suffix(".progress.jsonl") if args.json else None)
+    if progress:
+        progress.unlink(missing_ok=True)
     report = run_bench(args.bundle, image=args.image, reps=args.reps, n_decode=args.decode,
                        max_slices=args.max_slices, threads=args.threads, llm=args.llm, vision=args.vision,
                        baseline=not args.no_baseline, contended=args.contended, llama_libs=dict(args.llama_lib),
-                       prompt_tokens=args.prompt_tokens)
+                       prompt_tokens=args.prompt_tokens, on_phase=lambda ph: _log_phase(ph, progress))
     text = markdown_report(report)
     print(text)
     recs = records(report)
