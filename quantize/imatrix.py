@@ -405,14 +405,15 @@ def collect(model, prompts: Sequence[CalibPrompt], *, text_only: bool, collector
 
 
 def session_from_files(ckpt, llm_path: Path, vision_path: Path, resampler_path: Path | None, threads: int,
-                       eval_callback=None, n_ctx: int = 4096):
+                       eval_callback=None, n_ctx: int = 4096, low_memory: bool = False):
     """A MiniCPMV session over explicit files exported from `ckpt` (the sweep and calibration build cells,
     not bundles). `resampler_path` None: the vision graph ends in LLM embeddings (4.6's default-mode merger
-    graph)."""
+    graph). `low_memory` as in `runtime.bundle.load`."""
     from dataclasses import replace
 
     from minicpmv_edge.export.bundle import preprocess_section, prompt_section
     from minicpmv_edge.runtime.decoder import Decoder
+    from minicpmv_edge.runtime.memory import resolve_load_mode
     from minicpmv_edge.runtime.resampler import load_resampler
     from minicpmv_edge.runtime.session import MiniCPMV
     from minicpmv_edge.runtime.vision import OnnxVision, ResamplerInGraph
@@ -420,10 +421,13 @@ def session_from_files(ckpt, llm_path: Path, vision_path: Path, resampler_path: 
     cfg = replace(preprocess_section(ckpt).config(), position_rule=ckpt.facts.vision_position_ids)
     resampler = (load_resampler(resampler_path, threads=threads) if resampler_path is not None
                  else ResamplerInGraph(ckpt.llm.hidden_size))
-    return MiniCPMV(facts=ckpt.facts, decoder=Decoder(llm_path, threads=threads, n_ctx=n_ctx, eval_callback=eval_callback),
+    decoder = Decoder(llm_path, threads=threads, n_ctx=n_ctx, eval_callback=eval_callback,
+                      load_mode=resolve_load_mode(None, low_memory=low_memory))
+    return MiniCPMV(facts=ckpt.facts, decoder=decoder,
                     vision=OnnxVision(vision_path, threads=threads, num_patches_per_side=cfg.num_patches_per_side,
                                       position_rule=cfg.position_rule),
-                    resampler=resampler, prompt_format=prompt_section(ckpt).format(), preprocess=cfg)
+                    resampler=resampler, prompt_format=prompt_section(ckpt).format(), preprocess=cfg,
+                    low_memory=low_memory)
 
 
 def compute_imatrix(open_model: Callable[[Any], Any], prompts: Sequence[CalibPrompt], *, text_only: bool,

@@ -1,0 +1,162 @@
+"""What fits on a 4 GB or 8 GB device: peak resident memory of our runtime per version, LLM type and load mode.
+
+    .venv/bin/python bench/bench_memory.py CHECKPOINT --vision VISION.onnx [--resampler R.mvr] \\
+        --llm A.gguf --llm B.gguf ... [--mode default,low-memory] --out memory.json
+    .venv/bin/python bench/bench_memory.py --table memory.json            # the markdown table of all rows
+
+Each (LLM file, mode) runs in a fresh spawned process (VmHWM starts at exec, so no run inflates another): load
+the files exported from CHECKPOINT (the runtime's own classes, as a bundle would load them), encode one image
+ahead (`prepare_image`, a generated 448x448 picture: one slice), then ask about it and decode `--decode` tokens.
+Memory is read from /proc/self/status after each stage; the row's figure is the process's peak (VmHWM), split at
+the end into anonymous memory (heap, llama.cpp's weights in "read" mode, KV cache, ORT arena: what the OS
+cannot drop) and file pages (mmap'd weights: clean, droppable and re-read under pressure). Modes: `default`
+(the platform's load mode, runtime/memory.py) and `low-memory` (`--low-memory`: mmap without repacking, vision
+session freed after the image). Rows append to --out, so runs over several checkpoints build one table.
+Linux only (/proc).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MODES = ("default", "low-memory")
+GIB = 2 ** 30
+
+
+def _snapshot() -> dict[str, float]:
+    from minicpmv_edge.runtime.memory import memory_status
+    s = memory_status()
+    if s is None:
+        raise SystemExit("bench_memory needs Linux's /proc/self/status")
+    return {k: v / 2 ** 20 for k, v in s.items()}          # MiB: rss, peak, anon, file, shmem
+
+
+def _probe(conn, checkpoint: str, llm: str, vision: str, resampler: str | None, mode: str, threads: int,
+           image: str, decode: int, n_ctx: int) -> None:
+    """One measurement, in its own process; sends back the stages' snapshots (or the error as text)."""
+    try:
+        from minicpmv_edge.export.checkpoint import Checkpoint
+        from minicpmv_edge.quantize.imatrix import session_from_files
+        stages = {"imports": _snapshot()}
+        ckpt = Checkpoint.open(checkpoint)
+        m = session_from_files(ckpt, Path(llm), Path(vision), Path(resampler) if resampler else None, threads,
+                               low_memory=mode == "low-memory", n_ctx=n_ctx)
+        stages["load"] = _snapshot()
+        prepared = m.prepare_image(image)
+        stages["vision"] = _snapshot()
+        r = m.chat([{"role": "user", "content": [prepared, {"type": "text", "text": "Describe this image."}]}],
+                   greedy=True, max_tokens=decode)
+        stages["answer"] = _snapshot()
+        conn.send(("ok", {"stages": stages, "version": ckpt.facts.version, "load_mode": m.decoder.load_mode,
+                          "answer_tokens": r.timings.completion_tokens, "n_ctx": m.decoder.n_ctx}))
+        m.close()
+    except Exception as e:  # noqa: BLE001 - reported by the parent as one line
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def measure(checkpoint: Path, llm: Path, vision: Path, resampler: Path | None, mode: str, threads: int,
+            image: Path, decode: int, n_ctx: int = 4096) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_probe, args=(child, str(checkpoint), str(llm), str(vision),
+                                            str(resampler) if resampler else None, mode, threads, str(image), decode,
+                                            n_ctx))
+    t0 = time.perf_counter()
+    proc.start()
+    child.close()
+    try:
+        status, payload = parent.recv()
+    except EOFError:
+        status, payload = "error", f"the probe process died (exit code {proc.join(5) or proc.exitcode})"
+    proc.join(60)
+    if status == "error":
+        raise SystemExit(f"{llm.name} ({mode}): {payload}")
+    end = payload["stages"]["answer"]
+    files = {"llm": llm.stat().st_size, "vision": vision.stat().st_size,
+             "resampler": resampler.stat().st_size if resampler else 0}
+    return {"version": payload["version"], "llm_file": llm.name, "vision_file": vision.name, "mode": mode,
+            "load_mode": payload["load_mode"], "threads": threads, "n_ctx": payload["n_ctx"],
+            "answer_tokens": payload["answer_tokens"], "file_mib": {k: v / 2 ** 20 for k, v in files.items()},
+            "peak_mib": end["peak"], "end_anon_mib": end["anon"], "end_file_mib": end["file"],
+            "base_mib": payload["stages"]["imports"]["peak"], "stages": payload["stages"], "seconds": time.perf_counter() - t0,
+            "machine": f"{platform.machine()} {platform.system()} {os.cpu_count()} cpus",
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def _image(folder: Path) -> Path:
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (448, 448), (235, 235, 225))
+    ImageDraw.Draw(img).ellipse((40, 60, 200, 220), fill=(220, 40, 40))
+    path = folder / "memory.png"
+    img.save(path)
+    return path
+
+
+def _fits(peak_mib: float, ram_gib: int) -> str:
+    """Pi-style (Linux, the whole RAM but ~1 GiB for the OS and a shell) and phone-style (an app gets about half
+    the RAM before the OS kills it: iOS's default per-app limit and Android's low-memory killer are both in that
+    range) verdicts."""
+    peak = peak_mib * 2 ** 20
+    pi = peak <= ram_gib * GIB - GIB
+    phone = peak <= ram_gib * GIB / 2
+    return "yes" if phone else ("Pi only" if pi else "no")
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ("| version | LLM file | vision file | mode, context | files MiB | peak RSS MiB | peak / files | anon / "
+            "file pages at end MiB | 4 GB | 8 GB |\n|---|---|---|---|---:|---:|---:|---:|---|---|")
+    lines = [head]
+    for r in rows:
+        files = sum(r["file_mib"].values())
+        lines.append(f"| {r['version']} | {r['llm_file']} | {r['vision_file']} | {r['mode']} ({r['load_mode']}), {r['n_ctx']} "
+                     f"| {files:,.0f} | {r['peak_mib']:,.0f} | {r['peak_mib'] / files:.2f} | "
+                     f"{r['end_anon_mib']:,.0f} / {r['end_file_mib']:,.0f} | {_fits(r['peak_mib'], 4)} | "
+                     f"{_fits(r['peak_mib'], 8)} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap.add_argument("checkpoint", type=Path, nargs="?", help="the checkpoint the files were exported from")
+    ap.add_argument("--llm", type=Path, action="append", default=[], help="an LLM GGUF (repeatable)")
+    ap.add_argument("--vision", type=Path, help="the vision ONNX file")
+    ap.add_argument("--resampler", type=Path, help="the resampler weights (2.6-4.5)")
+    ap.add_argument("--mode", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--ctx", type=int, default=4096, help="context length (the KV cache is sized by it)")
+    ap.add_argument("--out", type=Path, help="JSON list of rows to append to")
+    ap.add_argument("--table", type=Path, help="print the markdown table of this JSON file and exit")
+    args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return 0
+    modes = args.mode.split(",")
+    if not args.checkpoint or not args.vision or not args.llm or set(modes) - set(MODES):
+        ap.error("CHECKPOINT, --vision and at least one --llm are needed; --mode from " + ", ".join(MODES))
+    rows = json.loads(args.out.read_text()) if args.out and args.out.exists() else []
+    with tempfile.TemporaryDirectory() as tmp:
+        image = _image(Path(tmp))
+        for llm in args.llm:
+            for mode in modes:
+                row = measure(args.checkpoint, llm, args.vision, args.resampler, mode, args.threads, image,
+                              args.decode, args.ctx)
+                print(table([row]).splitlines()[-1], flush=True)
+                rows.append(row)
+                if args.out:
+                    tmp_out = args.out.with_name(args.out.name + ".partial")
+                    tmp_out.write_text(json.dumps(rows, indent=1) + "\n")
+                    os.replace(tmp_out, args.out)
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
