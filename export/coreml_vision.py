@@ -269,6 +269,7 @@ def convert_coreml(source: Checkpoint | MergerCheckpoint | str | Path | SliceMod
                                                               slice_size=cfg.slice_size, merge=merge)
     grids = tuple(grids or ())
     p = cfg.patch_size
+    inputs = _inputs(ct, p, shapes, grids, merge)          # bad shape requests fail before the minutes of tracing
     px = torch.zeros(1, 3, 32 * p, 32 * p)
     ids = torch.zeros(32, 32, dtype=torch.int64)
     # h, w in whole merge blocks for 4.6 (as the ONNX export)
@@ -283,7 +284,7 @@ def convert_coreml(source: Checkpoint | MergerCheckpoint | str | Path | SliceMod
             keep = set(fp32_ops)
             precision = ct.transform.FP16ComputePrecision(op_selector=lambda op: op.op_type not in keep)
         with gelu_keeps_its_approximation():
-            ml = ct.convert(prog, inputs=_inputs(ct, p, shapes, grids, merge),
+            ml = ct.convert(prog, inputs=inputs,
                             outputs=[ct.TensorType(GRAPHS[graph].value, dtype=np.float32)],
                             convert_to="mlprogram", minimum_deployment_target=_target(ct, target),
                             compute_precision=precision, skip_model_load=True)
