@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping
 from minicpmv_edge import __version__
 from minicpmv_edge.errors import BundleError, CheckpointError, MiniCPMVEdgeError
 from minicpmv_edge.runtime.bundle import (COREML_VISION_KINDS, KINDS, MANIFEST, ONNX_VISION_KINDS, SCHEMA_VERSION,
-                                          FileEntry, FileKind, FileRecord, GenerationConfigSection, LLMSection,
+                                          FileEntry, FileRecord, GenerationConfigSection, LLMSection,
                                           Manifest, ModelSection, Parity, PreprocessSection, PromptSection,
                                           ResamplerSection, SourceSection, VisionSection, Where, inside,
                                           regular_file, sha256_file, tree_digest)

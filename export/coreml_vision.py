@@ -31,14 +31,13 @@ palettes, int4 blocks) lives in quantize/coreml_compress.py.
 from __future__ import annotations
 
 import logging
-import math
 import os
-from contextlib import contextmanager
 import shutil
 import sys
 import time
 import warnings
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path

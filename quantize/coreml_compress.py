@@ -1,6 +1,7 @@
 """Weight compression of the CoreML vision package (coremltools.optimize.coreml), as named variants.
 
     arts = compress_vision_coreml(ckpt, "bundle/", "X", variants=("w8", "p4"))   # converts the fp16 base itself
+    arts = compress_vision_coreml(ckpt46, "bundle/", "X", graph="vision_merger_4x")  # 4.6: one call per mode
     art = compress_coreml("vision-X-fp16.mlpackage", "vision-X-w8.mlpackage", "w8")
 
 Variants (weights of every linear and conv op; the position-embedding table (gather) and tensors under 2048

@@ -415,3 +415,53 @@ def test_coreml_matches_transformers_on_macos(coreml_files, reference_features, 
             lines.append(f"{precision} {h}x{w}: min {cos.min():.7f} mean {cos.mean():.7f} (tolerance {limit})")
             assert cos.min() >= limit, lines[-1]
     print(f"\n[4.6 {mode}] CoreML vs transformers get_image_features, cosine per token row:\n  " + "\n  ".join(lines))
+
+
+def test_export_cli_lists_4_6_coreml_and_the_runtime_picks_it_as_onnx(tiny_checkpoint, tmp_path):
+    """`minicpmv-edge export --coreml int8,p4` on 4.6: both modes' merger packages in the manifest (kind,
+    precision, graph, every file inside with its sha256) and the bundle verifies. The runtime chooses as for
+    ONNX: the default mode's graph, the other mode's graph on the same backend in the same precision; CoreML only
+    on macOS, and ONNX before CoreML where a bundle has both (as 2.6 - 4.5)."""
+    from minicpmv_edge.cli import main as cli
+    from minicpmv_edge.errors import BundleError
+    from minicpmv_edge.export import bundle as B
+    from minicpmv_edge.runtime.bundle import (MANIFEST, Bundle, BundleFile, FileKind, default_vision_kind,
+                                              other_mode_files)
+
+    out = tmp_path / "b"
+    assert cli(["export", str(tiny_checkpoint("4.6")), "--out", str(out), "--name", "t", "--llm", "none",
+                "--mmproj", "none", "--vision", "none", "--coreml", "int8,p4", "--resampler", "none"]) == 0
+    m = json.loads((out / MANIFEST).read_text())
+    entries = {(e["kind"], e["precision"]): e for e in m["files"]}
+    assert set(entries) == {(f"vision_merger_{mode}_coreml", p) for mode in MODES for p in ("w8", "p4")}
+    for mode in MODES:
+        side = FACTS.downsample_side(mode)
+        for precision in ("w8", "p4"):
+            e = entries[(f"vision_merger_{mode}_coreml", precision)]
+            assert e["path"] == f"vision-merger-{mode}-t-{precision}.mlpackage" and e["graph"] == ov.MERGER_GRAPHS[mode]
+            assert e["format"] == "mlpackage" and e["minimum_deployment_target"] == "iOS17" and e["parity"] is None
+            assert e["contents"] and all(c["path"].startswith(e["path"] + "/") and len(c["sha256"]) == 64
+                                         for c in e["contents"])
+            assert e["io"]["outputs"] == {"image_embeds": ["float32", [1, f"h*w/{side * side}", "D"]]}
+            assert e["io"]["inputs"]["position_ids"] == ["int32", ["h", "w"]]
+        assert entries[(f"vision_merger_{mode}_coreml", "w8")]["quant"]["dtype"] == "int8"
+        assert entries[(f"vision_merger_{mode}_coreml", "p4")]["quant"]["nbits"] == 4
+    report = B.verify_bundle(out)
+    assert report.ok and report.files_checked == sum(len(e.get("contents") or [1]) for e in m["files"])
+
+    def others(b, kind, precision):
+        return {mode: (k, f.precision) for mode, (k, f) in other_mode_files(b, kind, precision).items()}
+
+    b = Bundle.open(out)
+    assert default_vision_kind(b, "darwin") == FileKind.VISION_MERGER_16X_COREML
+    assert others(b, FileKind.VISION_MERGER_16X_COREML, "w8") == {"4x": (FileKind.VISION_MERGER_4X_COREML, "w8")}
+    assert others(b, FileKind.VISION_MERGER_16X_COREML, "p4") == {"4x": (FileKind.VISION_MERGER_4X_COREML, "p4")}
+    with pytest.raises(BundleError, match="no vision file this machine can run"):
+        default_vision_kind(b, "linux")
+    # the same bundle with ONNX graphs too (the choice reads only the file list)
+    b.files += [BundleFile(out / f"{mode}.onnx", f"{mode}.onnx", kind, "fp32", 0, None)
+                for mode, kind in (("16x", FileKind.VISION_MERGER_16X_ONNX), ("4x", FileKind.VISION_MERGER_4X_ONNX))]
+    for platform in ("linux", "darwin"):
+        assert default_vision_kind(b, platform) == FileKind.VISION_MERGER_16X_ONNX
+    assert others(b, FileKind.VISION_MERGER_16X_ONNX, "fp32") == {"4x": (FileKind.VISION_MERGER_4X_ONNX, "fp32")}
+    assert others(b, FileKind.VISION_MERGER_16X_COREML, "p4") == {"4x": (FileKind.VISION_MERGER_4X_COREML, "p4")}
