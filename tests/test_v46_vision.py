@@ -257,11 +257,12 @@ def test_mmproj_llama_cpp_clip_matches_onnx(ckpt, onnx_files, tiny_checkpoint, t
           + "\n  ".join(lines))
 
 
+
 # ------------------------------------------------------------------------------------------------ CoreML
 # CoreML cannot predict on Linux: here the packages' spec is checked (inputs, ranges, outputs, ops, gelu modes, how
 # weights are stored) against what the runtime feeds; `test_coreml_matches_transformers_on_macos` runs them.
 
-COREML_VARIANTS = ("w8", "p4", "w4")
+COREML_PRECISIONS = ("fp16", "w8", "p4", "w4")
 # per token row vs transformers, as the 2.6 - 4.5 packages (tests/test_vision_export.py): fp16 the issue's bar,
 # compressed weights on random init a floor
 COREML_LIMITS = {"fp16": LIMITS["fp16"], "w8": 0.99, "p4": 0.9, "w4": 0.9}
@@ -271,54 +272,56 @@ COREML_OPS = {"const", "cast", "conv", "reshape", "gather", "expand_dims", "tran
 
 
 @pytest.fixture(scope="module")
-def coreml_files(ckpt, tmp_path_factory):
-    """{(mode, precision): CoremlArtifact}: fp16 of each merger graph, and w8 / p4 / w4 compressed (w4 from its own
-    iOS18 conversion)."""
-    from minicpmv_edge.export.coreml_vision import export_vision_coreml
-    from minicpmv_edge.quantize.coreml_compress import compress_vision_coreml
+def coreml_bundle(tiny_checkpoint, tmp_path_factory):
+    """`minicpmv-edge export --coreml fp16,int4,int8,p4` (CoreML only) of the tiny synthetic 4.6: per mode the fp16
+    package, w4 from its own iOS18 conversion, then w8 and p4 compressed from the fp16 base (this order once
+    crashed: a conversion replaced the base). Returns (the bundle folder, the checkpoint folder)."""
+    from minicpmv_edge.cli import main as cli
 
-    out = tmp_path_factory.mktemp("v46-coreml")
-    arts = {}
-    for mode in MODES:
-        graph = ov.MERGER_GRAPHS[mode]
-        base = export_vision_coreml(ckpt, out, "tiny46", graph=graph)
-        arts[(mode, "fp16")] = base
-        for art in compress_vision_coreml(ckpt, out, "tiny46", graph=graph, variants=COREML_VARIANTS, base=base):
-            arts[(mode, art.precision)] = art
-    return arts
+    out = tmp_path_factory.mktemp("v46-coreml") / "b"
+    assert cli(["export", str(tiny_checkpoint("4.6")), "--out", str(out), "--name", "t", "--llm", "none",
+                "--mmproj", "none", "--vision", "none", "--coreml", "fp16,int4,int8,p4", "--resampler", "none"]) == 0
+    return out, tiny_checkpoint("4.6")
 
 
-def _expected_ops(ckpt, mode: str) -> dict[str, int]:
+def _package(bundle, mode: str, precision: str):
+    return bundle / f"vision-merger-{mode}-t-{precision}.mlpackage"
+
+
+def _expected_ops(cfg, mode: str) -> dict[str, int]:
     """MIL op counts the merger graph of `mode` must have: every layer, the window merger ("16x"), the merger."""
-    n, k = ckpt.vision.num_hidden_layers, ckpt.vision.merger_times
+    n, k = cfg.num_hidden_layers, cfg.merger_times
     window = mode == "16x"
     return {"conv": 1, "linear": 6 * n + 6 * window + 2 * k, "layer_norm": 2 * n + 1 + 2 * window + k,
             "softmax": n + window}
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_coreml_packages_spec(ckpt, coreml_files, mode):
+def test_coreml_packages_spec(coreml_bundle, mode):
     from coremltools.converters.mil.frontend.torch import ops as ct_torch_ops
     from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
 
     from minicpmv_edge.export import coreml_vision as CV
 
-    side, n = FACTS.downsample_side(mode), ckpt.vision.num_hidden_layers
-    expect = _expected_ops(ckpt, mode)
+    bundle, folder = coreml_bundle
+    cfg = MergerCheckpoint.open(folder).vision
+    side, n = FACTS.downsample_side(mode), cfg.num_hidden_layers
+    expect = _expected_ops(cfg, mode)
     linears = expect["linear"] + expect["conv"]
     stored = {"fp16": ("float16", linears),
               "w8": ("constexpr_affine_dequantize:quantized_data=int8,scale=float16,zero_point=int8", linears),
               "p4": ("constexpr_lut_to_dense:indices=uint8,lut=float16[16]", linears),
               # blocks of 16 inputs: the patch conv's 3*14*14 = 588 inputs do not split, it stays fp16
               "w4": ("constexpr_blockwise_shift_scale:data=int4,scale=float16", linears - 1)}
+    spec_version = {"fp16": 8, "w8": 8, "p4": 8, "w4": 9}        # iOS17, w4 iOS18
+    sizes = {}
     print()
-    for precision in ("fp16", *COREML_VARIANTS):
-        art = coreml_files[(mode, precision)]
-        info = CV.inspect_mlpackage(art.path)
-        print(f"[4.6 {mode} coreml {precision}] {info['size']} bytes, target {art.target}, ops {info['ops']}, "
-              f"gelu {info['gelu_modes']}, weights {info['weights']}")
-        assert art.path.name == f"vision-merger-{mode}-tiny46-{precision}.mlpackage"
-        assert art.record().kind == f"vision_merger_{mode}_coreml" and art.graph == ov.MERGER_GRAPHS[mode]
+    for precision in COREML_PRECISIONS:
+        info = CV.inspect_mlpackage(_package(bundle, mode, precision))
+        sizes[precision] = info["size"]
+        print(f"[4.6 {mode} coreml {precision}] {info['size']} bytes, spec {info['specification_version']}, "
+              f"ops {info['ops']}, gelu {info['gelu_modes']}, weights {info['weights']}")
+        assert info["specification_version"] == spec_version[precision]
         assert info["metadata"]["minicpmv_edge.graph"] == ov.MERGER_GRAPHS[mode]
         px, ids = info["inputs"]["pixel_values"], info["inputs"]["position_ids"]
         assert px["dtype"] == "float32" and ids["dtype"] == "int32"
@@ -329,19 +332,18 @@ def test_coreml_packages_spec(ckpt, coreml_files, mode):
         assert {op: info["ops"].get(op) for op in expect} == expect
         # SigLIP layers and the window merger use tanh GELU, the merger the exact one (coremltools 9 alone made
         # every one EXACT: export/coreml_vision.gelu_keeps_its_approximation)
-        assert info["gelu_modes"] == {"TANH_APPROXIMATION": n + (mode == "16x"), "EXACT": ckpt.vision.merger_times}
+        assert info["gelu_modes"] == {"TANH_APPROXIMATION": n + (mode == "16x"), "EXACT": cfg.merger_times}
         assert info["weights"].get(stored[precision][0]) == stored[precision][1], info["weights"]
-    assert coreml_files[(mode, "w4")].target == "iOS18" and coreml_files[(mode, "p4")].target == "iOS17"
     # smaller than fp16 by more than the fp16 position table, which is not compressed
-    table = ckpt.vision.num_patches_per_side ** 2 * ckpt.vision.hidden_size * 2
-    for v in COREML_VARIANTS:
-        assert coreml_files[(mode, v)].size - table < 0.8 * (coreml_files[(mode, "fp16")].size - table), v
+    table = cfg.num_patches_per_side ** 2 * cfg.hidden_size * 2
+    for v in ("w8", "p4", "w4"):
+        assert sizes[v] - table < 0.8 * (sizes["fp16"] - table), v
     # the conversion's gelu converter was put back
     assert _TORCH_OPS_REGISTRY.get_func("gelu") is ct_torch_ops.gelu
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_coreml_spec_takes_what_the_runtime_feeds(coreml_files, mode):
+def test_coreml_spec_takes_what_the_runtime_feeds(coreml_bundle, mode):
     """Every slice the 4.6 slicer makes of a few images, fed as the runtime's CoreML backend feeds it
     (`coreml_inputs`): the same input names, dtypes the spec declares, shapes inside its ranges; the one output is
     the one the backend and parity read."""
@@ -351,7 +353,7 @@ def test_coreml_spec_takes_what_the_runtime_feeds(coreml_files, mode):
     from minicpmv_edge.runtime.preprocess import preprocess_image
     from minicpmv_edge.runtime.vision import coreml_inputs
 
-    info = CV.inspect_mlpackage(coreml_files[(mode, "fp16")].path)
+    info = CV.inspect_mlpackage(_package(coreml_bundle[0], mode, "fp16"))
     dtypes = {"float32": np.float32, "int32": np.int32}
     side, checked = FACTS.downsample_side(mode), 0
     for size in ((1000, 700), (448, 448), (300, 1200), (1800, 420), (60, 90)):
@@ -369,6 +371,55 @@ def test_coreml_spec_takes_what_the_runtime_feeds(coreml_files, mode):
             checked += 1
     print(f"\n[4.6 {mode} coreml] {checked} slices of 5 images fit the package's inputs")
     assert checked > 10 and list(info["outputs"]) == [ov.GRAPHS[ov.MERGER_GRAPHS[mode]].value]
+
+
+def test_coreml_manifest_and_the_runtime_choice(coreml_bundle):
+    """The export lists both modes' packages (kind, precision, graph, every file inside with its sha256) and the
+    bundle verifies. The runtime chooses as for ONNX: the default mode's graph, the other mode's graph on the same
+    backend in the same precision; CoreML only on macOS, and ONNX before CoreML where a bundle has both (as
+    2.6 - 4.5)."""
+    from minicpmv_edge.errors import BundleError
+    from minicpmv_edge.export import bundle as B
+    from minicpmv_edge.runtime.bundle import (MANIFEST, Bundle, BundleFile, FileKind, default_vision_kind,
+                                              other_mode_files)
+
+    out = coreml_bundle[0]
+    m = json.loads((out / MANIFEST).read_text())
+    entries = {(e["kind"], e["precision"]): e for e in m["files"]}
+    assert set(entries) == {(f"vision_merger_{mode}_coreml", p) for mode in MODES for p in COREML_PRECISIONS}
+    for mode in MODES:
+        side = FACTS.downsample_side(mode)
+        for precision in COREML_PRECISIONS:
+            e = entries[(f"vision_merger_{mode}_coreml", precision)]
+            assert e["path"] == _package(out, mode, precision).name and e["graph"] == ov.MERGER_GRAPHS[mode]
+            assert e["format"] == "mlpackage" and e["parity"] is None
+            assert e["minimum_deployment_target"] == ("iOS18" if precision == "w4" else "iOS17")
+            assert e["contents"] and all(c["path"].startswith(e["path"] + "/") and len(c["sha256"]) == 64
+                                         for c in e["contents"])
+            assert e["io"]["outputs"] == {"image_embeds": ["float32", [1, f"h*w/{side * side}", "D"]]}
+            assert e["io"]["inputs"]["position_ids"] == ["int32", ["h", "w"]]
+        assert entries[(f"vision_merger_{mode}_coreml", "w8")]["quant"]["dtype"] == "int8"
+        assert entries[(f"vision_merger_{mode}_coreml", "p4")]["quant"]["nbits"] == 4
+        assert entries[(f"vision_merger_{mode}_coreml", "w4")]["quant"]["block_size"] == 16
+    report = B.verify_bundle(out)
+    assert report.ok and report.files_checked == sum(len(e["contents"]) for e in m["files"])
+
+    def others(b, kind, precision):
+        return {mode: (k, f.precision) for mode, (k, f) in other_mode_files(b, kind, precision).items()}
+
+    b = Bundle.open(out)
+    assert default_vision_kind(b, "darwin") == FileKind.VISION_MERGER_16X_COREML
+    assert others(b, FileKind.VISION_MERGER_16X_COREML, "w8") == {"4x": (FileKind.VISION_MERGER_4X_COREML, "w8")}
+    assert others(b, FileKind.VISION_MERGER_16X_COREML, "p4") == {"4x": (FileKind.VISION_MERGER_4X_COREML, "p4")}
+    with pytest.raises(BundleError, match="no vision file this machine can run"):
+        default_vision_kind(b, "linux")
+    # the same bundle with ONNX graphs too (the choice reads only the file list)
+    b.files += [BundleFile(out / f"{mode}.onnx", f"{mode}.onnx", kind, "fp32", 0, None)
+                for mode, kind in (("16x", FileKind.VISION_MERGER_16X_ONNX), ("4x", FileKind.VISION_MERGER_4X_ONNX))]
+    for platform in ("linux", "darwin"):
+        assert default_vision_kind(b, platform) == FileKind.VISION_MERGER_16X_ONNX
+    assert others(b, FileKind.VISION_MERGER_16X_ONNX, "fp32") == {"4x": (FileKind.VISION_MERGER_4X_ONNX, "fp32")}
+    assert others(b, FileKind.VISION_MERGER_16X_COREML, "p4") == {"4x": (FileKind.VISION_MERGER_4X_COREML, "p4")}
 
 
 def test_coreml_enumerated_shapes_cover_the_4_6_slicer(ckpt, tmp_path):
@@ -401,67 +452,20 @@ def test_coreml_enumerated_shapes_cover_the_4_6_slicer(ckpt, tmp_path):
 @pytest.mark.skipif(sys.platform != "darwin",
                     reason="CoreML prediction exists on macOS only; on Linux the spec is checked instead")
 @pytest.mark.parametrize("mode", MODES)
-def test_coreml_matches_transformers_on_macos(coreml_files, reference_features, mode):
-    """The packages run through the runtime's own backend (CoreMLVision) against transformers' get_image_features,
-    per slice over the 8 grid shapes; the ONNX test's bar for fp16."""
+def test_coreml_matches_transformers_on_macos(coreml_bundle, mode):
+    """The packages run through the runtime's own backend (CoreMLVision) against transformers' get_image_features
+    of the same checkpoint, per slice over the 8 grid shapes; the ONNX test's bar for fp16."""
+    from minicpmv_edge.export.reference_native import native_model
     from minicpmv_edge.runtime.preprocess import Slice
     from minicpmv_edge.runtime.vision import CoreMLVision
 
+    bundle, folder = coreml_bundle
+    want_all = image_features(native_model(folder), _slices(mode), mode)
     lines = []
     for precision, limit in COREML_LIMITS.items():
-        vision = CoreMLVision(coreml_files[(mode, precision)].path, 70, FACTS.vision_position_ids)
-        for (h, w), px, want in zip(_grids(mode), _slices(mode), reference_features[mode]):
+        vision = CoreMLVision(_package(bundle, mode, precision), 70, FACTS.vision_position_ids)
+        for (h, w), px, want in zip(_grids(mode), _slices(mode), want_all):
             cos = _cos(vision.encode(Slice(px, (h, w), "source")), want)
             lines.append(f"{precision} {h}x{w}: min {cos.min():.7f} mean {cos.mean():.7f} (tolerance {limit})")
             assert cos.min() >= limit, lines[-1]
     print(f"\n[4.6 {mode}] CoreML vs transformers get_image_features, cosine per token row:\n  " + "\n  ".join(lines))
-
-
-def test_export_cli_lists_4_6_coreml_and_the_runtime_picks_it_as_onnx(tiny_checkpoint, tmp_path):
-    """`minicpmv-edge export --coreml int8,p4` on 4.6: both modes' merger packages in the manifest (kind,
-    precision, graph, every file inside with its sha256) and the bundle verifies. The runtime chooses as for
-    ONNX: the default mode's graph, the other mode's graph on the same backend in the same precision; CoreML only
-    on macOS, and ONNX before CoreML where a bundle has both (as 2.6 - 4.5)."""
-    from minicpmv_edge.cli import main as cli
-    from minicpmv_edge.errors import BundleError
-    from minicpmv_edge.export import bundle as B
-    from minicpmv_edge.runtime.bundle import (MANIFEST, Bundle, BundleFile, FileKind, default_vision_kind,
-                                              other_mode_files)
-
-    out = tmp_path / "b"
-    assert cli(["export", str(tiny_checkpoint("4.6")), "--out", str(out), "--name", "t", "--llm", "none",
-                "--mmproj", "none", "--vision", "none", "--coreml", "int8,p4", "--resampler", "none"]) == 0
-    m = json.loads((out / MANIFEST).read_text())
-    entries = {(e["kind"], e["precision"]): e for e in m["files"]}
-    assert set(entries) == {(f"vision_merger_{mode}_coreml", p) for mode in MODES for p in ("w8", "p4")}
-    for mode in MODES:
-        side = FACTS.downsample_side(mode)
-        for precision in ("w8", "p4"):
-            e = entries[(f"vision_merger_{mode}_coreml", precision)]
-            assert e["path"] == f"vision-merger-{mode}-t-{precision}.mlpackage" and e["graph"] == ov.MERGER_GRAPHS[mode]
-            assert e["format"] == "mlpackage" and e["minimum_deployment_target"] == "iOS17" and e["parity"] is None
-            assert e["contents"] and all(c["path"].startswith(e["path"] + "/") and len(c["sha256"]) == 64
-                                         for c in e["contents"])
-            assert e["io"]["outputs"] == {"image_embeds": ["float32", [1, f"h*w/{side * side}", "D"]]}
-            assert e["io"]["inputs"]["position_ids"] == ["int32", ["h", "w"]]
-        assert entries[(f"vision_merger_{mode}_coreml", "w8")]["quant"]["dtype"] == "int8"
-        assert entries[(f"vision_merger_{mode}_coreml", "p4")]["quant"]["nbits"] == 4
-    report = B.verify_bundle(out)
-    assert report.ok and report.files_checked == sum(len(e.get("contents") or [1]) for e in m["files"])
-
-    def others(b, kind, precision):
-        return {mode: (k, f.precision) for mode, (k, f) in other_mode_files(b, kind, precision).items()}
-
-    b = Bundle.open(out)
-    assert default_vision_kind(b, "darwin") == FileKind.VISION_MERGER_16X_COREML
-    assert others(b, FileKind.VISION_MERGER_16X_COREML, "w8") == {"4x": (FileKind.VISION_MERGER_4X_COREML, "w8")}
-    assert others(b, FileKind.VISION_MERGER_16X_COREML, "p4") == {"4x": (FileKind.VISION_MERGER_4X_COREML, "p4")}
-    with pytest.raises(BundleError, match="no vision file this machine can run"):
-        default_vision_kind(b, "linux")
-    # the same bundle with ONNX graphs too (the choice reads only the file list)
-    b.files += [BundleFile(out / f"{mode}.onnx", f"{mode}.onnx", kind, "fp32", 0, None)
-                for mode, kind in (("16x", FileKind.VISION_MERGER_16X_ONNX), ("4x", FileKind.VISION_MERGER_4X_ONNX))]
-    for platform in ("linux", "darwin"):
-        assert default_vision_kind(b, platform) == FileKind.VISION_MERGER_16X_ONNX
-    assert others(b, FileKind.VISION_MERGER_16X_ONNX, "fp32") == {"4x": (FileKind.VISION_MERGER_4X_ONNX, "fp32")}
-    assert others(b, FileKind.VISION_MERGER_16X_COREML, "p4") == {"4x": (FileKind.VISION_MERGER_4X_COREML, "p4")}
