@@ -26,8 +26,8 @@ from typing import Any, Iterable, Mapping
 
 from minicpmv_edge import __version__
 from minicpmv_edge.errors import BundleError, CheckpointError, MiniCPMVEdgeError
-from minicpmv_edge.runtime.bundle import (KINDS, MANIFEST, ONNX_VISION_KINDS, SCHEMA_VERSION,
-                                          FileEntry, FileKind, FileRecord, GenerationConfigSection, LLMSection,
+from minicpmv_edge.runtime.bundle import (COREML_VISION_KINDS, KINDS, MANIFEST, ONNX_VISION_KINDS, SCHEMA_VERSION,
+                                          FileEntry, FileRecord, GenerationConfigSection, LLMSection,
                                           Manifest, ModelSection, Parity, PreprocessSection, PromptSection,
                                           ResamplerSection, SourceSection, VisionSection, Where, inside,
                                           regular_file, sha256_file, tree_digest)
@@ -400,7 +400,7 @@ def _reparity(root: Path, m: Manifest, against, report: VerifyReport, grids) -> 
     modules = None
     for entry in m.files:
         rel = entry.path
-        if entry.kind == FileKind.VISION_COREML:
+        if entry.kind in COREML_VISION_KINDS:
             if sys.platform == "darwin":
                 from .coreml_vision import parity_coreml
                 measured = parity_coreml(root / rel, ckpt, grids=grids)

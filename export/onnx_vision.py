@@ -56,7 +56,7 @@ __all__ = ["IO", "GRAPHS", "PRECISIONS", "FUSED_OPS", "FUSIONS", "FP16_KEEP_FP32
            "convert_fp16", "export_vision_onnx", "save_onnx", "onnx_file_name", "slice_feed", "random_slice",
            "parity", "op_counts", "ort_session", "ort_session_fusions", "cosine_rows", "reference_modules",
            "reference_output", "MERGER_GRAPHS", "GRAPH_METADATA_KEY", "merger_parity_grids", "graph_of",
-           "open_vision_checkpoint", "vision_graphs"]
+           "open_vision_checkpoint", "vision_graphs", "build_slice_module"]
 
 
 # Input/output names of every vision graph (ONNX and CoreML): the runtime owns them (runtime/vision.py).
@@ -292,7 +292,8 @@ def _merger_mode(graph: str) -> str:
     return next(m for m, g in MERGER_GRAPHS.items() if g == graph)
 
 
-def _build_module(ckpt: Checkpoint | MergerCheckpoint, graph: str) -> SliceVisionModel | MergerSliceModel:
+def build_slice_module(ckpt: Checkpoint | MergerCheckpoint, graph: str) -> SliceVisionModel | MergerSliceModel:
+    """The torch module of one slice for `graph`, the one every exporter traces (ONNX here, CoreML too)."""
     if graph not in GRAPHS:
         raise MiniCPMVEdgeError(f"unknown vision graph {graph!r} (choose from {', '.join(GRAPHS)})")
     if (graph in MERGER_GRAPHS.values()) != isinstance(ckpt, MergerCheckpoint):
@@ -409,7 +410,7 @@ def export_onnx(source: Checkpoint | MergerCheckpoint | str | Path | SliceVision
             raise MiniCPMVEdgeError(f"graph {graph!r} does not match the module (resampler: "
                                     f"{module.resampler is not None})")
     else:
-        module = _build_module(open_vision_checkpoint(source), graph)
+        module = build_slice_module(open_vision_checkpoint(source), graph)
     cfg = _module_cfg(module)
     model = _torch_export(module, graph)
     model = _fuse(model, cfg.num_attention_heads, cfg.hidden_size, level)

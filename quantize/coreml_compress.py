@@ -1,6 +1,7 @@
 """Weight compression of the CoreML vision package (coremltools.optimize.coreml), as named variants.
 
     arts = compress_vision_coreml(ckpt, "bundle/", "X", variants=("w8", "p4"))   # converts the fp16 base itself
+    arts = compress_vision_coreml(ckpt46, "bundle/", "X", graph="vision_merger_4x")  # 4.6: one call per mode
     art = compress_coreml("vision-X-fp16.mlpackage", "vision-X-w8.mlpackage", "w8")
 
 Variants (weights of every linear and conv op; the position-embedding table (gather) and tensors under 2048
@@ -28,7 +29,9 @@ from typing import Sequence
 from minicpmv_edge.errors import MiniCPMVEdgeError, MissingExtraError
 from minicpmv_edge.export.checkpoint import Checkpoint
 from minicpmv_edge.export.coreml_vision import (CoremlArtifact, convert_coreml, coreml_file_name, coremltools_module,
-                                                save_mlpackage)
+                                                metadata_grids, save_mlpackage)
+from minicpmv_edge.export.merger_tower import MergerCheckpoint
+from minicpmv_edge.export.onnx_vision import GRAPH_METADATA_KEY, open_vision_checkpoint, vision_graphs
 
 _TARGET_ORDER = ("iOS16", "iOS17", "iOS18")
 
@@ -133,38 +136,43 @@ def compress_coreml(src: str | Path, out_path: str | Path, variant: str) -> Core
     ml = compress_model(ml, v)
     out = save_mlpackage(ml, out_path)
     return CoremlArtifact(out, v.name, meta.get("minicpmv_edge.target", v.target),
-                          meta.get("minicpmv_edge.shapes", "range"), (), v.describe(), time.perf_counter() - t0)
+                          meta.get("minicpmv_edge.shapes", "range"), metadata_grids(meta), v.describe(),
+                          time.perf_counter() - t0, meta.get(GRAPH_METADATA_KEY, "vision"))
 
 
-def compress_vision_coreml(ckpt: Checkpoint | str | Path, out_dir: str | Path, name: str | None = None, *,
+def compress_vision_coreml(ckpt: Checkpoint | MergerCheckpoint | str | Path, out_dir: str | Path,
+                           name: str | None = None, *, graph: str | None = None,
                            variants: Sequence[str] = ("w8", "p4"), shapes: str = "range",
                            grids: Sequence[tuple[int, int]] | None = None,
                            base: CoremlArtifact | None = None) -> list[CoremlArtifact]:
-    """Write `vision-<name>-<variant>.mlpackage` for each variant, converting the fp16 base once per
-    deployment target the variants need (w4 needs iOS18; enumerated shapes force iOS18 for all).
-    `base`: an fp16 package already written by `export_vision_coreml`; variants whose target it meets are
-    compressed from it instead of converting again (conversion of the 400M tower takes minutes)."""
-    ckpt = ckpt if isinstance(ckpt, Checkpoint) else Checkpoint.open(ckpt)
+    """Write `vision-<name>-<variant>.mlpackage` (4.6: `vision-merger-<mode>-...` of `graph`) for each variant,
+    converting the fp16 base once per deployment target the variants need (w4 needs iOS18; enumerated shapes
+    force iOS18 for all). `base`: an fp16 package of the same graph already written by `export_vision_coreml`;
+    variants whose target it meets are compressed from it instead of converting again (conversion of the 400M
+    tower takes minutes)."""
+    ckpt = open_vision_checkpoint(ckpt)
     name = name or ckpt.root.name
+    graph = graph or vision_graphs(ckpt)[0]
+    if base is not None and base.graph != graph:
+        raise MiniCPMVEdgeError(f"{base.path}: holds graph {base.graph!r}, not {graph!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     vs = [_variant(v) for v in dict.fromkeys(variants)]
-    bases: dict[str, object] = {}
+    converted: dict[str, object] = {}                 # target -> in-memory fp16 ML program
     out = []
     for v in vs:
         target = "iOS18" if shapes == "enumerated" else v.target
         t0 = time.perf_counter()
+        path = out_dir / coreml_file_name(name, v.name, graph)
         if base is not None and base.shapes == shapes and _TARGET_ORDER.index(base.target) >= _TARGET_ORDER.index(target):
-            art = compress_coreml(base.path, out_dir / coreml_file_name(name, v.name), v.name)
+            art = compress_coreml(base.path, path, v.name)
             art.grids = base.grids
             out.append(art)
             continue
-        if target not in bases:
-            bases[target] = convert_coreml(ckpt, shapes=shapes, grids=grids, target=target)
-        base = bases[target]
-        meta = base.user_defined_metadata
-        used = tuple(tuple(int(x) for x in g.split("x")) for g in meta["minicpmv_edge.grids"].split(";")) \
-            if "minicpmv_edge.grids" in meta else ()
-        path = save_mlpackage(compress_model(base, v), out_dir / coreml_file_name(name, v.name))
-        out.append(CoremlArtifact(path, v.name, target, shapes, used, v.describe(), time.perf_counter() - t0))
+        if target not in converted:
+            converted[target] = convert_coreml(ckpt, graph=graph, shapes=shapes, grids=grids, target=target)
+        ml = converted[target]
+        save_mlpackage(compress_model(ml, v), path)
+        out.append(CoremlArtifact(path, v.name, target, shapes, metadata_grids(dict(ml.user_defined_metadata)),
+                                  v.describe(), time.perf_counter() - t0, graph))
     return out

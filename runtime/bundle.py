@@ -62,6 +62,8 @@ class FileKind:
     # MiniCPM-V 4.6: tower + window merger + merger in one graph, one per downsample mode (no resampler)
     VISION_MERGER_16X_ONNX = "vision_merger_16x_onnx"
     VISION_MERGER_4X_ONNX = "vision_merger_4x_onnx"
+    VISION_MERGER_16X_COREML = "vision_merger_16x_coreml"        # the same graphs as CoreML packages
+    VISION_MERGER_4X_COREML = "vision_merger_4x_coreml"
     RESAMPLER_WEIGHTS = "resampler_weights"
     TOKENIZER = "tokenizer"
 
@@ -87,13 +89,18 @@ FILE_KINDS: dict[str, KindInfo] = {
                                               "image_embeds"),
     FileKind.VISION_MERGER_4X_ONNX: KindInfo("vision-merger-4x-{name}-{precision}.onnx", "vision_merger_4x",
                                              "image_embeds"),
+    FileKind.VISION_MERGER_16X_COREML: KindInfo("vision-merger-16x-{name}-{precision}.mlpackage",
+                                                "vision_merger_16x", "image_embeds"),
+    FileKind.VISION_MERGER_4X_COREML: KindInfo("vision-merger-4x-{name}-{precision}.mlpackage", "vision_merger_4x",
+                                               "image_embeds"),
     FileKind.RESAMPLER_WEIGHTS: KindInfo("resampler-{name}-{precision}.mvr"),
     FileKind.TOKENIZER: KindInfo("tokenizer.json"),
 }
 KINDS = tuple(FILE_KINDS)
-VISION_KINDS = (FileKind.VISION_ONNX, FileKind.VISION_RESAMPLER_ONNX, FileKind.VISION_COREML)
 ONNX_VISION_KINDS = (FileKind.VISION_ONNX, FileKind.VISION_RESAMPLER_ONNX, FileKind.VISION_MERGER_16X_ONNX,
                      FileKind.VISION_MERGER_4X_ONNX)
+COREML_VISION_KINDS = (FileKind.VISION_COREML, FileKind.VISION_MERGER_16X_COREML, FileKind.VISION_MERGER_4X_COREML)
+VISION_KINDS = ONNX_VISION_KINDS + COREML_VISION_KINDS
 
 
 def file_name(kind: str, name: str, precision: str | None = None) -> str:
@@ -109,13 +116,14 @@ def graph_of_outputs(output_names) -> str:
     return fused.graph if fused.graph_output in set(output_names) else "vision"
 
 
-def kind_of_graph(graph: str) -> str:
-    """The ONNX file kind that holds vision graph `graph` ("vision", "vision_resampler", "vision_merger_16x", ...)."""
-    for kind in ONNX_VISION_KINDS:
+def kind_of_graph(graph: str, kinds: tuple[str, ...] = ONNX_VISION_KINDS) -> str:
+    """The file kind among `kinds` (ONNX by default, or COREML_VISION_KINDS) that holds vision graph `graph`
+    ("vision", "vision_resampler", "vision_merger_16x", ...)."""
+    for kind in kinds:
         if FILE_KINDS[kind].graph == graph:
             return kind
     raise MiniCPMVEdgeError(f"unknown vision graph {graph!r} (choose from "
-                            f"{', '.join(FILE_KINDS[k].graph for k in ONNX_VISION_KINDS)})")
+                            f"{', '.join(FILE_KINDS[k].graph for k in kinds)})")
 
 
 # what a session prefers when the caller does not say (smallest good-quality choices first)
@@ -799,7 +807,7 @@ def _onnx_backend(f: Path, threads: int | None, cfg) -> Any:
 
 def _coreml_backend(f: Path, threads: int | None, cfg) -> Any:
     from .vision import CoreMLVision
-    return CoreMLVision(f, num_patches_per_side=cfg.num_patches_per_side)
+    return CoreMLVision(f, num_patches_per_side=cfg.num_patches_per_side, position_rule=cfg.position_rule)
 
 
 @dataclass(frozen=True)
@@ -820,26 +828,52 @@ VISION_BACKENDS: dict[str, VisionBackendInfo] = {
                                                        downsample_mode="16x"),
     FileKind.VISION_MERGER_4X_ONNX: VisionBackendInfo("onnx-merger", _onnx_backend, includes_resampler=True,
                                                       downsample_mode="4x"),
+    FileKind.VISION_MERGER_16X_COREML: VisionBackendInfo("coreml-merger", _coreml_backend, includes_resampler=True,
+                                                         platforms=("darwin",), downsample_mode="16x"),
+    FileKind.VISION_MERGER_4X_COREML: VisionBackendInfo("coreml-merger", _coreml_backend, includes_resampler=True,
+                                                        platforms=("darwin",), downsample_mode="4x"),
 }
 
 
-def runnable_vision_kinds() -> list[str]:
-    return [k for k, b in VISION_BACKENDS.items() if b.platforms is None or sys.platform in b.platforms]
+def runnable_vision_kinds(platform: str | None = None) -> list[str]:
+    """The vision kinds a machine runs (`platform`: a `sys.platform` value, default this machine's)."""
+    platform = platform or sys.platform
+    return [k for k, b in VISION_BACKENDS.items() if b.platforms is None or platform in b.platforms]
 
 
-def _other_mode_loaders(b: Bundle, main: Path, threads: int | None, cfg, hashes: HashCache | None
-                        ) -> dict[str, Callable[[], Any]]:
-    """4.6: a loader for each other downsample mode's graph in the bundle (run on that mode's first request),
-    in the main vision file's precision where the bundle has it."""
-    precision = next(f.precision for f in b.files if f.path == main or b.root / f.rel == main)
-    loaders = {}
-    for kind, info in VISION_BACKENDS.items():
-        if info.downsample_mode in (None, b.facts.default_downsample_mode) or not any(f.kind == kind for f in b.files):
+def default_vision_kind(b: Bundle, platform: str | None = None) -> str:
+    """The vision kind `load` runs when not told: the first of VISION_BACKENDS (ONNX before CoreML) the bundle has
+    and `platform` runs, a 4.6 bundle's default downsample mode first."""
+    have = {f.kind for f in b.files}
+    default_mode = b.facts.default_downsample_mode
+    kinds = sorted((k for k in runnable_vision_kinds(platform) if k in have),
+                   key=lambda k: VISION_BACKENDS[k].downsample_mode not in (None, default_mode))
+    if not kinds:
+        listed = ", ".join(sorted(have & set(VISION_BACKENDS))) or "none"
+        raise BundleError(b.root, f"no vision file this machine can run (the bundle has: {listed}; runnable "
+                          f"here: {', '.join(runnable_vision_kinds(platform))})")
+    return kinds[0]
+
+
+def other_mode_files(b: Bundle, kind: str, precision: str | None) -> dict[str, tuple[str, BundleFile]]:
+    """4.6: downsample mode -> (kind, file) of each other mode's graph that runs on the same backend as `kind`
+    (ONNX with ONNX, CoreML with CoreML), in `precision` where the bundle has it."""
+    backend = VISION_BACKENDS[kind].name
+    out = {}
+    for other, info in VISION_BACKENDS.items():
+        if (info.name != backend or info.downsample_mode in (None, b.facts.default_downsample_mode)
+                or not any(f.kind == other for f in b.files)):
             continue
-        same = [f for f in b.files if f.kind == kind and f.precision == precision]
-        pick = same[0] if same else b.choose(kind, None, VISION_PREFERENCE)
-        loaders[info.downsample_mode] = lambda f=pick, make=info.make: make(b.check_present(f, hashes), threads, cfg)
-    return loaders
+        same = [f for f in b.files if f.kind == other and f.precision == precision]
+        out[info.downsample_mode] = (other, same[0] if same else b.choose(other, None, VISION_PREFERENCE))
+    return out
+
+
+def _other_mode_loaders(b: Bundle, main: BundleFile, threads: int | None, cfg, hashes: HashCache | None
+                        ) -> dict[str, Callable[[], Any]]:
+    """4.6: a loader for each other downsample mode's graph in the bundle (run on that mode's first request)."""
+    return {mode: (lambda f=f, make=VISION_BACKENDS[k].make: make(b.check_present(f, hashes), threads, cfg))
+            for mode, (k, f) in other_mode_files(b, main.kind, main.precision).items()}
 
 
 def load(bundle: str | Path | Bundle, *, llm: str | None = None, vision: str | None = None,
@@ -864,20 +898,13 @@ def load(bundle: str | Path | Bundle, *, llm: str | None = None, vision: str | N
     hashes = (hashes or HashCache()) if verify else None
     default_mode = b.facts.default_downsample_mode
     if vision_kind is None:
-        have = {f.kind for f in b.files}
-        # a 4.6 session runs its default mode's graph unless asked otherwise
-        kinds = sorted((k for k in runnable_vision_kinds() if k in have),
-                       key=lambda k: VISION_BACKENDS[k].downsample_mode not in (None, default_mode))
-        if not kinds:
-            listed = ", ".join(sorted(have & set(VISION_BACKENDS))) or "none"
-            raise BundleError(b.root, f"no vision file this machine can run (the bundle has: {listed}; runnable "
-                              f"here: {', '.join(runnable_vision_kinds())})")
-        vision_kind = kinds[0]
+        vision_kind = default_vision_kind(b)
     if vision_kind not in VISION_BACKENDS:
         raise BundleError(b.root, f"{vision_kind!r} is not a vision file kind ({', '.join(VISION_BACKENDS)})")
     backend = VISION_BACKENDS[vision_kind]
     llm_file = b.check_present(b.choose(FileKind.LLM_GGUF, llm, LLM_PREFERENCE), hashes)
-    vis_file = b.check_present(b.choose(vision_kind, vision, VISION_PREFERENCE), hashes)
+    vis_entry = b.choose(vision_kind, vision, VISION_PREFERENCE)
+    vis_file = b.check_present(vis_entry, hashes)
     res_file = None if backend.includes_resampler else \
         b.check_present(b.choose(FileKind.RESAMPLER_WEIGHTS, None, RESAMPLER_PREFERENCE), hashes)
     if hashes is not None:
@@ -886,7 +913,7 @@ def load(bundle: str | Path | Bundle, *, llm: str | None = None, vision: str | N
         raise BundleError(b.root, f"{vision_kind}: runs downsample mode {backend.downsample_mode}, but a session's "
                           f"main vision graph must run the default mode {default_mode}")
     cfg = replace(m.preprocess.config(), position_rule=b.facts.vision_position_ids)
-    other_modes = _other_mode_loaders(b, vis_file, threads, cfg, hashes)
+    other_modes = _other_mode_loaders(b, vis_entry, threads, cfg, hashes)
     decoder = Decoder(llm_file, n_ctx=n_ctx, threads=threads, exact=exact, eval_callback=eval_callback,
                       load_mode=resolve_load_mode(load_mode, low_memory=low_memory))
     try:
@@ -910,4 +937,5 @@ def load(bundle: str | Path | Bundle, *, llm: str | None = None, vision: str | N
 __all__ = ["MANIFEST", "SCHEMA_VERSION", "FileKind", "FILE_KINDS", "KINDS", "file_name", "graph_of_outputs",
            "Manifest", "ModelSection", "PreprocessSection", "PromptSection", "FileEntry", "FileRecord", "Parity",
            "Section", "Where", "Bundle", "BundleFile", "BundleError", "HashCache", "VISION_BACKENDS", "load",
+           "default_vision_kind", "other_mode_files", "runnable_vision_kinds", "COREML_VISION_KINDS",
            "read_manifest_json", "regular_file", "inside", "sha256_file", "tree_digest"]

@@ -27,7 +27,7 @@ from .preprocess import Slice
 class VisionIO(str, Enum):
     """Input/output names of every vision graph (ONNX and CoreML)."""
     PIXEL_VALUES = "pixel_values"      # float32 [1, 3, 14*h, 14*w], a normalised slice
-    POSITION_IDS = "position_ids"      # int64 [h, w], NaViT ids (preprocess.vision_position_ids, facts' rule)
+    POSITION_IDS = "position_ids"      # int64 [h, w] (int32 in CoreML), ids of preprocess.vision_position_ids
     PATCH_FEATURES = "patch_features"  # float32 [1, h*w, C], after post_layernorm
     IMAGE_EMBEDS = "image_embeds"      # float32 [1, Q, D]: with the resampler, or 4.6's mergers ([1, h*w/16, D])
 
@@ -119,18 +119,27 @@ class ResamplerInGraph:
         pass
 
 
-class CoreMLVision:
-    """The .mlpackage through coremltools (prediction exists only on macOS)."""
+def coreml_inputs(s: Slice, num_patches_per_side: int = 70, position_rule: str = "bucketize") -> dict[str, np.ndarray]:
+    """`slice_inputs` as a CoreML package takes them: position ids as int32 (CoreML has no int64 inputs)."""
+    feed = slice_inputs(s, num_patches_per_side, position_rule)
+    feed[VisionIO.POSITION_IDS.value] = feed[VisionIO.POSITION_IDS.value].astype(np.int32)
+    return feed
 
-    def __init__(self, path: str | Path, num_patches_per_side: int = 70):
+
+class CoreMLVision:
+    """The .mlpackage through coremltools (prediction exists only on macOS): the 2.6-4.5 tower, or a 4.6 merger
+    graph (`position_rule` "nearest"), whichever the package holds."""
+
+    def __init__(self, path: str | Path, num_patches_per_side: int = 70, position_rule: str = "bucketize"):
         if sys.platform != "darwin":
             raise MiniCPMVEdgeError("CoreML prediction runs only on macOS; use the ONNX backend here")
         import coremltools as ct
         self.model = ct.models.MLModel(str(path))
         self.n_side = num_patches_per_side
+        self.position_rule = position_rule
         self.name = f"coreml:{Path(path).name}"
 
     def encode(self, s: Slice) -> np.ndarray:
-        out = self.model.predict(slice_inputs(s, self.n_side))
+        out = self.model.predict(coreml_inputs(s, self.n_side, self.position_rule))
         arr = np.asarray(next(iter(out.values())), dtype=np.float32)
         return arr.reshape(-1, arr.shape[-1])

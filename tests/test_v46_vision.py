@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -254,3 +255,217 @@ def test_mmproj_llama_cpp_clip_matches_onnx(ckpt, onnx_files, tiny_checkpoint, t
             assert cos.min() >= limit, lines[-1]
     print("\n[4.6] llama.cpp clip on our minicpmv4_6 mmproj vs our fp32 ONNX, cosine per token row:\n  "
           + "\n  ".join(lines))
+
+
+
+# ------------------------------------------------------------------------------------------------ CoreML
+# CoreML cannot predict on Linux: here the packages' spec is checked (inputs, ranges, outputs, ops, gelu modes, how
+# weights are stored) against what the runtime feeds; `test_coreml_matches_transformers_on_macos` runs them.
+
+COREML_PRECISIONS = ("fp16", "w8", "p4", "w4")
+# per token row vs transformers, as the 2.6 - 4.5 packages (tests/test_vision_export.py): fp16 the issue's bar,
+# compressed weights on random init a floor
+COREML_LIMITS = {"fp16": LIMITS["fp16"], "w8": 0.99, "p4": 0.9, "w4": 0.9}
+COREML_OPS = {"const", "cast", "conv", "reshape", "gather", "expand_dims", "transpose", "add", "mul", "layer_norm",
+              "linear", "matmul", "softmax", "gelu", "reduce_mean", "shape", "floor_div", "slice_by_index", "concat",
+              "constexpr_affine_dequantize", "constexpr_lut_to_dense", "constexpr_blockwise_shift_scale"}
+
+
+@pytest.fixture(scope="module")
+def coreml_bundle(tiny_checkpoint, tmp_path_factory):
+    """`minicpmv-edge export --coreml fp16,int4,int8,p4` (CoreML only) of the tiny synthetic 4.6: per mode the fp16
+    package, w4 from its own iOS18 conversion, then w8 and p4 compressed from the fp16 base (this order once
+    crashed: a conversion replaced the base). Returns (the bundle folder, the checkpoint folder)."""
+    from minicpmv_edge.cli import main as cli
+
+    out = tmp_path_factory.mktemp("v46-coreml") / "b"
+    assert cli(["export", str(tiny_checkpoint("4.6")), "--out", str(out), "--name", "t", "--llm", "none",
+                "--mmproj", "none", "--vision", "none", "--coreml", "fp16,int4,int8,p4", "--resampler", "none"]) == 0
+    return out, tiny_checkpoint("4.6")
+
+
+def _package(bundle, mode: str, precision: str):
+    return bundle / f"vision-merger-{mode}-t-{precision}.mlpackage"
+
+
+def _expected_ops(cfg, mode: str) -> dict[str, int]:
+    """MIL op counts the merger graph of `mode` must have: every layer, the window merger ("16x"), the merger."""
+    n, k = cfg.num_hidden_layers, cfg.merger_times
+    window = mode == "16x"
+    return {"conv": 1, "linear": 6 * n + 6 * window + 2 * k, "layer_norm": 2 * n + 1 + 2 * window + k,
+            "softmax": n + window}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_coreml_packages_spec(coreml_bundle, mode):
+    from coremltools.converters.mil.frontend.torch import ops as ct_torch_ops
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
+
+    from minicpmv_edge.export import coreml_vision as CV
+
+    bundle, folder = coreml_bundle
+    cfg = MergerCheckpoint.open(folder).vision
+    side, n = FACTS.downsample_side(mode), cfg.num_hidden_layers
+    expect = _expected_ops(cfg, mode)
+    linears = expect["linear"] + expect["conv"]
+    stored = {"fp16": ("float16", linears),
+              "w8": ("constexpr_affine_dequantize:quantized_data=int8,scale=float16,zero_point=int8", linears),
+              "p4": ("constexpr_lut_to_dense:indices=uint8,lut=float16[16]", linears),
+              # blocks of 16 inputs: the patch conv's 3*14*14 = 588 inputs do not split, it stays fp16
+              "w4": ("constexpr_blockwise_shift_scale:data=int4,scale=float16", linears - 1)}
+    spec_version = {"fp16": 8, "w8": 8, "p4": 8, "w4": 9}        # iOS17, w4 iOS18
+    sizes = {}
+    print()
+    for precision in COREML_PRECISIONS:
+        info = CV.inspect_mlpackage(_package(bundle, mode, precision))
+        sizes[precision] = info["size"]
+        print(f"[4.6 {mode} coreml {precision}] {info['size']} bytes, spec {info['specification_version']}, "
+              f"ops {info['ops']}, gelu {info['gelu_modes']}, weights {info['weights']}")
+        assert info["specification_version"] == spec_version[precision]
+        assert info["metadata"]["minicpmv_edge.graph"] == ov.MERGER_GRAPHS[mode]
+        px, ids = info["inputs"]["pixel_values"], info["inputs"]["position_ids"]
+        assert px["dtype"] == "float32" and ids["dtype"] == "int32"
+        assert px["range"] == [[1, 1], [3, 3], [14 * side, 14 * CV.MAX_SIDE], [14 * side, 14 * CV.MAX_SIDE]]
+        assert ids["range"] == [[side, CV.MAX_SIDE], [side, CV.MAX_SIDE]]
+        assert info["outputs"] == {"image_embeds": {"dtype": "float32"}}
+        assert set(info["ops"]) <= COREML_OPS, set(info["ops"]) - COREML_OPS
+        assert {op: info["ops"].get(op) for op in expect} == expect
+        # SigLIP layers and the window merger use tanh GELU, the merger the exact one (coremltools 9 alone made
+        # every one EXACT: export/coreml_vision.gelu_keeps_its_approximation)
+        assert info["gelu_modes"] == {"TANH_APPROXIMATION": n + (mode == "16x"), "EXACT": cfg.merger_times}
+        assert info["weights"].get(stored[precision][0]) == stored[precision][1], info["weights"]
+    # smaller than fp16 by more than the fp16 position table, which is not compressed
+    table = cfg.num_patches_per_side ** 2 * cfg.hidden_size * 2
+    for v in ("w8", "p4", "w4"):
+        assert sizes[v] - table < 0.8 * (sizes["fp16"] - table), v
+    # the conversion's gelu converter was put back
+    assert _TORCH_OPS_REGISTRY.get_func("gelu") is ct_torch_ops.gelu
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_coreml_spec_takes_what_the_runtime_feeds(coreml_bundle, mode):
+    """Every slice the 4.6 slicer makes of a few images, fed as the runtime's CoreML backend feeds it
+    (`coreml_inputs`): the same input names, dtypes the spec declares, shapes inside its ranges; the one output is
+    the one the backend and parity read."""
+    from PIL import Image
+
+    from minicpmv_edge.export import coreml_vision as CV
+    from minicpmv_edge.runtime.preprocess import preprocess_image
+    from minicpmv_edge.runtime.vision import coreml_inputs
+
+    info = CV.inspect_mlpackage(_package(coreml_bundle[0], mode, "fp16"))
+    dtypes = {"float32": np.float32, "int32": np.int32}
+    side, checked = FACTS.downsample_side(mode), 0
+    for size in ((1000, 700), (448, 448), (300, 1200), (1800, 420), (60, 90)):
+        pre = preprocess_image(Image.new("RGB", size), slicing=FACTS.slicing, downsample_mode=mode)
+        for s in pre.slices:
+            feed = coreml_inputs(s, 70, FACTS.vision_position_ids)
+            assert set(feed) == set(info["inputs"])
+            for name, arr in feed.items():
+                spec = info["inputs"][name]
+                assert arr.dtype == dtypes[spec["dtype"]], (name, arr.dtype)
+                assert len(arr.shape) == len(spec["range"])
+                assert all(lo <= d <= hi for d, (lo, hi) in zip(arr.shape, spec["range"])), (name, arr.shape)
+            h, w = feed["position_ids"].shape
+            assert h % side == 0 and w % side == 0 and feed["pixel_values"].shape[2:] == (14 * h, 14 * w)
+            checked += 1
+    print(f"\n[4.6 {mode} coreml] {checked} slices of 5 images fit the package's inputs")
+    assert checked > 10 and list(info["outputs"]) == [ov.GRAPHS[ov.MERGER_GRAPHS[mode]].value]
+
+
+def test_coreml_manifest_and_the_runtime_choice(coreml_bundle):
+    """The export lists both modes' packages (kind, precision, graph, every file inside with its sha256) and the
+    bundle verifies. The runtime chooses as for ONNX: the default mode's graph, the other mode's graph on the same
+    backend in the same precision; CoreML only on macOS, and ONNX before CoreML where a bundle has both (as
+    2.6 - 4.5)."""
+    from minicpmv_edge.errors import BundleError
+    from minicpmv_edge.export import bundle as B
+    from minicpmv_edge.runtime.bundle import (MANIFEST, Bundle, BundleFile, FileKind, default_vision_kind,
+                                              other_mode_files)
+
+    out = coreml_bundle[0]
+    m = json.loads((out / MANIFEST).read_text())
+    entries = {(e["kind"], e["precision"]): e for e in m["files"]}
+    assert set(entries) == {(f"vision_merger_{mode}_coreml", p) for mode in MODES for p in COREML_PRECISIONS}
+    for mode in MODES:
+        side = FACTS.downsample_side(mode)
+        for precision in COREML_PRECISIONS:
+            e = entries[(f"vision_merger_{mode}_coreml", precision)]
+            assert e["path"] == _package(out, mode, precision).name and e["graph"] == ov.MERGER_GRAPHS[mode]
+            assert e["format"] == "mlpackage" and e["parity"] is None
+            assert e["minimum_deployment_target"] == ("iOS18" if precision == "w4" else "iOS17")
+            assert e["contents"] and all(c["path"].startswith(e["path"] + "/") and len(c["sha256"]) == 64
+                                         for c in e["contents"])
+            assert e["io"]["outputs"] == {"image_embeds": ["float32", [1, f"h*w/{side * side}", "D"]]}
+            assert e["io"]["inputs"]["position_ids"] == ["int32", ["h", "w"]]
+        assert entries[(f"vision_merger_{mode}_coreml", "w8")]["quant"]["dtype"] == "int8"
+        assert entries[(f"vision_merger_{mode}_coreml", "p4")]["quant"]["nbits"] == 4
+        assert entries[(f"vision_merger_{mode}_coreml", "w4")]["quant"]["block_size"] == 16
+    report = B.verify_bundle(out)
+    assert report.ok and report.files_checked == sum(len(e["contents"]) for e in m["files"])
+
+    def others(b, kind, precision):
+        return {mode: (k, f.precision) for mode, (k, f) in other_mode_files(b, kind, precision).items()}
+
+    b = Bundle.open(out)
+    assert default_vision_kind(b, "darwin") == FileKind.VISION_MERGER_16X_COREML
+    assert others(b, FileKind.VISION_MERGER_16X_COREML, "w8") == {"4x": (FileKind.VISION_MERGER_4X_COREML, "w8")}
+    assert others(b, FileKind.VISION_MERGER_16X_COREML, "p4") == {"4x": (FileKind.VISION_MERGER_4X_COREML, "p4")}
+    with pytest.raises(BundleError, match="no vision file this machine can run"):
+        default_vision_kind(b, "linux")
+    # the same bundle with ONNX graphs too (the choice reads only the file list)
+    b.files += [BundleFile(out / f"{mode}.onnx", f"{mode}.onnx", kind, "fp32", 0, None)
+                for mode, kind in (("16x", FileKind.VISION_MERGER_16X_ONNX), ("4x", FileKind.VISION_MERGER_4X_ONNX))]
+    for platform in ("linux", "darwin"):
+        assert default_vision_kind(b, platform) == FileKind.VISION_MERGER_16X_ONNX
+    assert others(b, FileKind.VISION_MERGER_16X_ONNX, "fp32") == {"4x": (FileKind.VISION_MERGER_4X_ONNX, "fp32")}
+    assert others(b, FileKind.VISION_MERGER_16X_COREML, "p4") == {"4x": (FileKind.VISION_MERGER_4X_COREML, "p4")}
+
+
+def test_coreml_enumerated_shapes_cover_the_4_6_slicer(ckpt, tmp_path):
+    from PIL import Image
+
+    from minicpmv_edge.export import coreml_vision as CV
+    from minicpmv_edge.runtime.preprocess import preprocess_image
+
+    grids = {mode: CV.slicer_grids(merge=FACTS.downsample_side(mode)) for mode in MODES}
+    rng = np.random.default_rng(0)
+    for mode, side in ((m, FACTS.downsample_side(m)) for m in MODES):
+        assert grids[mode] and all(h % side == 0 and w % side == 0 for h, w in grids[mode])
+        for _ in range(20):                                   # random images within 1:4..4:1
+            w = int(rng.integers(40, 1800))
+            h = int(np.clip(w * np.exp(rng.uniform(-np.log(4), np.log(4))), 10, 3600))
+            if not 0.25 <= w / h <= 4:
+                continue
+            for s in preprocess_image(Image.new("RGB", (w, h)), slicing=FACTS.slicing, downsample_mode=mode).slices:
+                assert tuple(s.tgt_size) in grids[mode], f"{mode}: {w}x{h} gives a {s.tgt_size} slice"
+    art = CV.export_vision_coreml(ckpt, tmp_path, "tiny46", graph="vision_merger_4x", shapes="enumerated")
+    info = CV.inspect_mlpackage(art.path)
+    print(f"\n[4.6 coreml] enumerated: {len(grids['16x'])} grids (16x), {len(grids['4x'])} (4x), target {art.target}")
+    assert art.target == "iOS18" and art.grids == grids["4x"]
+    assert [tuple(s) for s in info["inputs"]["position_ids"]["enumerated"]] == list(grids["4x"])
+    assert [tuple(s[2:]) for s in info["inputs"]["pixel_values"]["enumerated"]] == [(14 * h, 14 * w) for h, w in grids["4x"]]
+    with pytest.raises(MiniCPMVEdgeError, match="not whole 4x4 merge blocks"):
+        CV.convert_coreml(ckpt, graph="vision_merger_16x", shapes="enumerated", grids=[(32, 32), (30, 32)])
+
+
+@pytest.mark.skipif(sys.platform != "darwin",
+                    reason="CoreML prediction exists on macOS only; on Linux the spec is checked instead")
+@pytest.mark.parametrize("mode", MODES)
+def test_coreml_matches_transformers_on_macos(coreml_bundle, mode):
+    """The packages run through the runtime's own backend (CoreMLVision) against transformers' get_image_features
+    of the same checkpoint, per slice over the 8 grid shapes; the ONNX test's bar for fp16."""
+    from minicpmv_edge.export.reference_native import native_model
+    from minicpmv_edge.runtime.preprocess import Slice
+    from minicpmv_edge.runtime.vision import CoreMLVision
+
+    bundle, folder = coreml_bundle
+    want_all = image_features(native_model(folder), _slices(mode), mode)
+    lines = []
+    for precision, limit in COREML_LIMITS.items():
+        vision = CoreMLVision(_package(bundle, mode, precision), 70, FACTS.vision_position_ids)
+        for (h, w), px, want in zip(_grids(mode), _slices(mode), want_all):
+            cos = _cos(vision.encode(Slice(px, (h, w), "source")), want)
+            lines.append(f"{precision} {h}x{w}: min {cos.min():.7f} mean {cos.mean():.7f} (tolerance {limit})")
+            assert cos.min() >= limit, lines[-1]
+    print(f"\n[4.6 {mode}] CoreML vs transformers get_image_features, cosine per token row:\n  " + "\n  ".join(lines))

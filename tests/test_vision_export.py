@@ -241,6 +241,8 @@ def test_coreml_packages_spec(coreml):
         assert set(info["ops"]) <= ALLOWED_OPS, set(info["ops"]) - ALLOWED_OPS
         assert info["ops"]["linear"] == 6 * n and info["ops"]["conv"] == 1
         assert info["ops"]["layer_norm"] == 2 * n + 1 and info["ops"]["softmax"] == n
+        # SigLIP's gelu_pytorch_tanh stays tanh (coremltools 9 alone made it EXACT, see coreml_vision.py)
+        assert info["gelu_modes"] == {"TANH_APPROXIMATION": n}
         stored, count = expect_weights[precision]
         assert info["weights"].get(stored) == count, info["weights"]
         assert info["metadata"]["minicpmv_edge.shapes"] == "range"

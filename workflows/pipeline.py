@@ -9,8 +9,9 @@ Writes into DIR:
   `.mlpackage` variants;
 - `resampler-<name>-<dtype>.mvr`, the resampler weights the native kernels load;
 - MiniCPM-V 4.6 (no resampler): `vision-merger-16x-/4x-<name>-<precision>.onnx` instead of the vision graph and
-  resampler weights (tower + window merger + merger, one graph per downsample mode), and the mmproj of llama.cpp's
-  `minicpmv4_6` projector in the checkpoint's default mode;
+  resampler weights (tower + window merger + merger, one graph per downsample mode; with --coreml, the same graphs
+  as `vision-merger-16x-/4x-<name>-<variant>.mlpackage`), and the mmproj of llama.cpp's `minicpmv4_6` projector
+  in the checkpoint's default mode;
 - `manifest.json`, describing all of it (see export/bundle.py).
 Every file is written under a temporary name and renamed when complete.
 """
@@ -170,7 +171,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types:
         result.seconds["vision int8"] = time.perf_counter() - t0
     if coreml_types:
         t0 = time.perf_counter()
-        result.files += [a.record() for a in _export_coreml(ckpt, out_dir, name, coreml_types)]
+        result.files += [a.record() for a in _export_coreml(vision_ckpt, out_dir, name, coreml_types)]
         result.seconds["coreml"] = time.perf_counter() - t0
     if resampler_types and not has_resampler:
         result.notes.append(f"MiniCPM-V {ckpt.version} has no resampler: no resampler weights written")
@@ -192,17 +193,22 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, llm_types:
     return result
 
 
-def _export_coreml(ckpt: Checkpoint, out_dir: Path, name: str, types: list[str]) -> list:
-    """`vision-<name>-<variant>.mlpackage` for fp16 and the compressed variants (converted once, then
-    compressed from the fp16 base when it is asked for too). `types` are already `variant_name`s."""
+def _export_coreml(ckpt, out_dir: Path, name: str, types: list[str]) -> list:
+    """`vision-<name>-<variant>.mlpackage` (4.6: one per downsample mode's merger graph) for fp16 and the
+    compressed variants (converted once per graph, then compressed from the fp16 base when it is asked for too).
+    `ckpt`: the vision checkpoint (`open_vision_checkpoint`); `types` are already `variant_name`s."""
+    from minicpmv_edge.export.coreml_vision import export_vision_coreml
+    from minicpmv_edge.export.onnx_vision import vision_graphs
     from minicpmv_edge.quantize.coreml_compress import compress_vision_coreml
 
-    from minicpmv_edge.export.coreml_vision import export_vision_coreml
     names = list(dict.fromkeys(types))
-    arts = [export_vision_coreml(ckpt, out_dir, name)] if "fp16" in names else []
     variants = [v for v in names if v != "fp16"]
-    if variants:
-        arts += compress_vision_coreml(ckpt, out_dir, name, variants=variants, base=arts[0] if arts else None)
+    arts = []
+    for graph in vision_graphs(ckpt):
+        base = export_vision_coreml(ckpt, out_dir, name, graph=graph) if "fp16" in names else None
+        arts += [base] if base else []
+        if variants:
+            arts += compress_vision_coreml(ckpt, out_dir, name, graph=graph, variants=variants, base=base)
     return arts
 
 
