@@ -371,9 +371,9 @@ _V46 = replace(
                                   linear_num_key_heads=16, linear_num_value_heads=16, partial_rotary_factor=0.25,
                                   attn_output_gate=True, mtp_num_hidden_layers=1),
     supported=True,
-    # chat template: the hub jinja was not retrieved; ours follows the Qwen3.5-0.8B family template (thinking
-    # off unless asked) and the prompt the AXERA port renders. video: owned by the vision half.
-    unverified=("chat_template", "video", "query_num"),
+    # chat template: the hub's, as the HF API reports it (tests/reference/minicpmv46_chat_template.json, source
+    # cited there); ours renders the same (tests/test_v46_tools.py). video: owned by the vision half.
+    unverified=("video", "query_num"),
     # vision side [transformers 5.23 models/minicpmv4_6, vision_utils.get_vision_nearest_position_ids;
     # llama.cpp clip.cpp PROJECTOR_TYPE_MINICPMV4_6]: the ViT window merger (after insert_layer_id) and the
     # final merger each merge 2x2 patches; "4x" skips the window merger.

@@ -16,6 +16,9 @@ and an assistant turn's tool calls (`caller_tools`, `caller_tool_calls`): what t
 name, its arguments as a string) is marked, and what they serialize (`tojson` of a spec or of arguments given
 as an object) is marked as a whole, keys included. Text between control tokens is tokenized as
 one piece, as before, so prompts without injected control strings tokenize exactly as the HF tokenizer does.
+Templates that walk a call's arguments key by key (the XML call form of 4.6) get them as an object whose keys
+and text values are marked, and the template's `trim` sees through the markers, so the marked prompt is the one
+the template renders from the caller's plain text.
 """
 from __future__ import annotations
 
@@ -197,7 +200,7 @@ def render(fmt: PromptFormat, messages: Sequence[Mapping[str, Any]], *, enable_t
         raise PromptError(f"chat template error: {type(exc).__name__}: {exc}") from None
     if tools and not all(json.dumps(t["function"]["name"], ensure_ascii=False)[1:-1] in text for t in tools):
         raise PromptError("this bundle's chat template does not render tools (re-export it with a tool-aware "
-                          "template, e.g. the 4.5 one)")
+                          "template, e.g. the 4.5 or 4.6 one)")
     return text
 
 

@@ -99,3 +99,246 @@ def test_our_template_renders_what_the_hub_template_renders():
     assert "<|im_start|>user\n<tool_response>\n18 C\n</tool_response>\n<tool_response>\n<b>&\n</tool_response>" \
         "<|im_end|>\n" in calls
     assert _render_hf(hub, *CONVERSATIONS["no_user"][:1]) == "TemplateError: No user query found in messages."
+
+
+# ------------------------------------------------------------------------------------------ the runtime's prompt
+
+def _openai(messages):
+    """The same conversation as an OpenAI client sends it: each call with an id and its arguments as a JSON
+    string, each tool result answering one."""
+    out, ids = [], iter(range(100))
+    for m in messages:
+        m = dict(m)
+        if m.get("tool_calls"):
+            m["tool_calls"] = [{"id": f"call_{next(ids)}", "type": "function",
+                                "function": {"name": c["function"]["name"],
+                                             "arguments": json.dumps(c["function"]["arguments"])}}
+                               for c in m["tool_calls"]]
+        out.append(m)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model46(tiny_bundle):
+    from minicpmv_edge.runtime.bundle import load
+    model = load(tiny_bundle("4.6"), llm="F32", vision="fp32")
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tiny_checkpoint):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(tiny_checkpoint("4.6"))
+
+
+def _prompt_ids(model, messages, tools=None, thinking=False) -> list[int]:
+    return [t for seg in model.prepare(messages, tools=tools, thinking=thinking) if not hasattr(seg, "rows")
+            for t in seg]
+
+
+TEXT_CONVERSATIONS = ("plain", "thinking", "system", "tools", "tools_system", "tools_empty_system", "calls",
+                      "calls_after_text", "calls_with_reasoning", "history", "tool_response_user")
+
+
+def test_runtime_prompt_tokenizes_like_the_hub_template(model46, hf_tokenizer):
+    """What the runtime feeds the model (caller text marked untrusted and trimmed through the markers, OpenAI
+    string arguments decoded for the template) is token for token what transformers feeds it from the hub
+    template, for every text conversation above (the bundle carries our template; the hub's is the reference)."""
+    hub = _hub_template()
+    assert model46.facts.tool_call_format == "xml"
+    for name in TEXT_CONVERSATIONS:
+        messages, kw = CONVERSATIONS[name]
+        if name == "tool_response_user":      # a user turn that is only a <tool_response>: see docs (deviation)
+            continue
+        thinking = bool(kw.get("enable_thinking"))
+        text = _render_hf(hub, messages, **{**kw, "add_generation_prompt": True})
+        ours = _prompt_ids(model46, _openai(messages), kw.get("tools"), thinking)
+        assert ours == hf_tokenizer(text, add_special_tokens=False)["input_ids"], name
+    print(f"\n{len(TEXT_CONVERSATIONS) - 1} conversations: runtime prompt ids == hub template + HF tokenizer")
+
+
+def test_arguments_that_are_not_an_object_are_refused(model46):
+    from minicpmv_edge.errors import MiniCPMVEdgeError
+    for args in ("not json", "[1, 2]"):
+        messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": args}}]}]
+        with pytest.raises(MiniCPMVEdgeError, match=r"messages\[1\]\.tool_calls: arguments"):
+            model46.prepare(messages, tools=TOOLS)
+
+
+# ------------------------------------------------------------------------------------------ parser and grammar
+
+ANSWER = ("Sure.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nSan\nJosé <b>\n</parameter>\n"
+          "<parameter=unit>\nC\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=set_alarm>\n"
+          "<parameter=hour>\n7\n</parameter>\n<parameter=loud>\nTrue\n</parameter>\n<parameter=days>\n"
+          '["mon"]\n</parameter>\n<parameter=note>\n123\n</parameter>\n<parameter=other>\n5\n</parameter>\n'
+          "</function>\n</tool_call>\n<tool_call>\nnot a call\n</tool_call> bye <tool_call>\n<function=f>\n<para")
+
+
+def test_xml_calls_whole_and_streamed():
+    """Two calls (a multi-line text value, values typed by the schema: integer, True as the template writes
+    booleans, array, a string that looks like a number, a parameter the schema does not have), a block that is
+    not a call and one that never closes (both given back as content), across every chunk boundary."""
+    from minicpmv_edge.runtime.tools import ToolCallSplitter, call_parser, split_answer
+    parse = call_parser("xml", TOOLS)
+    expected = [("get_weather", {"city": "San\nJosé <b>", "unit": "C"}),
+                ("set_alarm", {"hour": 7, "loud": True, "days": ["mon"], "note": "123", "other": "5"})]
+    rest = "Sure.\n\n\n<tool_call>\nnot a call\n</tool_call> bye <tool_call>\n<function=f>\n<para"
+    for size in (1, 3, 7, len(ANSWER)):
+        sp = ToolCallSplitter(parse)
+        out = ""
+        for i in range(0, len(ANSWER), size):
+            out += sp.feed(ANSWER[i:i + size])[0]
+        out += sp.close()
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in sp.calls] == expected
+        assert out == rest
+    content, calls = split_answer(ANSWER, parse)
+    assert content == rest.strip() and len(calls) == 2 and calls[0]["id"] != calls[1]["id"]
+    only = ANSWER[ANSWER.index("<tool_call>"):ANSWER.index("\n<tool_call>\nnot")]
+    assert split_answer(only, parse)[0] is None
+    # JSON-form text is not a call for an XML-form model, and a non-JSON integer keeps its text
+    assert split_answer('<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>', parse)[1] == []
+    odd = "<tool_call>\n<function=set_alarm>\n<parameter=hour>\nseven\n</parameter>\n</function>\n</tool_call>"
+    assert json.loads(split_answer(odd, parse)[1][0]["function"]["arguments"]) == {"hour": "seven"}
+    junk = "<tool_call>\n<function=set_alarm>\nhi<parameter=hour>\n7\n</parameter>\n</function>\n</tool_call>"
+    assert split_answer(junk, parse) == (junk, [])
+
+
+def _byte_matcher(grammar: str):
+    llguidance = pytest.importorskip("llguidance")
+    tok = llguidance.LLTokenizer("byte")
+    matcher = llguidance.LLMatcher(tok, llguidance.LLMatcher.grammar_from_lark(grammar))
+    assert not matcher.is_error(), matcher.get_error()
+
+    def accepts(text: str) -> bool:
+        m = llguidance.LLMatcher(tok, llguidance.LLMatcher.grammar_from_lark(grammar))
+        return all(m.consume_token(t) for t in tok.tokenize_str(text)) and m.is_accepting()
+    return accepts
+
+
+def test_call_grammar_allows_what_the_template_writes_and_nothing_off_schema():
+    """The XML grammar accepts the calls exactly as the hub template renders them (valid arguments), in any
+    number when parallel, and refuses a missing required parameter, a too-long or off-enum text, an integer out
+    of range, an unknown function, the JSON form, and a second call when not parallel."""
+    from minicpmv_edge.runtime.tools import call_grammar
+    valid = [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}},
+             {"type": "function", "function": {"name": "set_alarm", "arguments": {
+                 "hour": 23, "days": ["tue"], "loud": False, "note": "multi\nline <ok>"}}}]   # schema order
+    text = _render_hf(_hub_template(), [*ASK, {"role": "assistant", "content": "", "tool_calls": valid}])
+    calls = text[text.index("<tool_call>"):text.rindex("</tool_call>") + len("</tool_call>")]
+    one = calls[:calls.index("</tool_call>") + len("</tool_call>")]
+    # booleans: the template writes Python's True/False, the grammar JSON's true/false (both parse as booleans)
+    calls = calls.replace("\nFalse\n", "\nfalse\n")
+    parallel = _byte_matcher(call_grammar(TOOLS, None, True, None, None, fmt="xml"))
+    single = _byte_matcher(call_grammar(TOOLS, None, False, None, None, fmt="xml"))
+    named = _byte_matcher(call_grammar(TOOLS, "set_alarm", False, None, None, fmt="xml"))
+    assert parallel(calls) and parallel(one) and single(one) and not single(calls)
+    assert named(calls[len(one) + 1:]) and not named(one)
+    for bad in (one.replace("<parameter=unit>\nC\n</parameter>\n", ""), one.replace("Paris", "Paris, France!"),
+                one.replace("\nC\n", "\nK\n"), calls.replace("\n23\n", "\n24\n"),
+                one.replace("get_weather", "get_time"),
+                '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n</tool_call>'):
+        assert not parallel(bad), bad
+
+
+# ------------------------------------------------------------------------------------------------- the server
+
+openai = pytest.importorskip("openai")
+
+
+def _valid(name: str, args: dict) -> None:
+    """`args` follow SCHEMAS[name] (the checks these two schemas need)."""
+    schema = SCHEMAS[name]
+    assert set(schema["required"]) <= set(args) <= set(schema["properties"]), args
+    for key, value in args.items():
+        spec = schema["properties"][key]
+        kind = {"string": str, "integer": int, "boolean": bool, "array": list}[spec["type"]]
+        assert isinstance(value, kind) and (kind is bool or not isinstance(value, bool)), (key, value)
+        if kind is str:
+            assert len(value) <= spec.get("maxLength", 10 ** 9) and value in spec.get("enum", [value])
+        if kind is int:
+            assert spec["minimum"] <= value <= spec["maximum"]
+        if kind is list:
+            assert len(value) <= spec["maxItems"] and all(v in spec["items"]["enum"] for v in value)
+
+
+@pytest.fixture(scope="module")
+def client46(model46, serve_on_loopback):
+    from minicpmv_edge.runtime.server import ServerOptions, create_app
+    with serve_on_loopback(create_app(model46, ServerOptions(name="tiny46", max_queue=4))) as base:
+        yield openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def _streamed_calls(stream) -> tuple[str | None, list[tuple[str, str]]]:
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in stream:
+        for ch in chunk.choices:
+            finish = ch.finish_reason or finish
+            for d in ch.delta.tool_calls or []:
+                slot = calls.setdefault(d.index, {"name": "", "arguments": ""})
+                slot["name"] += d.function.name or ""
+                slot["arguments"] += d.function.arguments or ""
+    return finish, [(v["name"], v["arguments"]) for _, v in sorted(calls.items())]
+
+
+def test_required_tool_calls_are_valid_and_stream_the_same(client46):
+    """tool_choice "required" on the tiny random 4.6: every seed gives well-formed calls whose arguments follow
+    the schema; the streamed answer of the same seed gives the same calls as deltas."""
+    kwargs = dict(model="tiny46", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=160,
+                  parallel_tool_calls=False)
+    names = []
+    for seed in range(6):
+        r = client46.chat.completions.create(seed=seed, **kwargs)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+        call = choice.message.tool_calls[0]
+        assert call.type == "function" and call.id.startswith("call_")
+        _valid(call.function.name, json.loads(call.function.arguments))
+        names.append(call.function.name)
+        if seed < 2:
+            finish, streamed = _streamed_calls(client46.chat.completions.create(seed=seed, stream=True, **kwargs))
+            assert finish == "tool_calls" and streamed == [(call.function.name, call.function.arguments)]
+    print(f"\n4.6 tool_choice required, 6 seeds: {names}")
+
+
+def test_named_function_and_response_format_with_tools(client46):
+    r = client46.chat.completions.create(model="tiny46", messages=ASK, tools=TOOLS, seed=3, max_tokens=160,
+                                         tool_choice={"type": "function", "function": {"name": "set_alarm"}})
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "set_alarm"
+    _valid("set_alarm", json.loads(call.function.arguments))
+    fmt = {"type": "json_schema", "json_schema": {"name": "w", "strict": True, "schema": WEATHER}}
+    kinds = []
+    for seed in range(4):
+        r = client46.chat.completions.create(model="tiny46", messages=ASK, tools=TOOLS, response_format=fmt,
+                                             seed=seed, max_tokens=160, parallel_tool_calls=False)
+        msg = r.choices[0].message
+        if msg.tool_calls:
+            for c in msg.tool_calls:
+                _valid(c.function.name, json.loads(c.function.arguments))
+            kinds.append("call")
+        else:
+            _valid("get_weather", json.loads(msg.content))
+            kinds.append("answer")
+    print(f"\n4.6 tools + response_format, 4 seeds: {kinds}")
+
+
+def test_round_trip_renders_like_the_hub_template(client46, model46, hf_tokenizer):
+    """The calls the server returned, sent back with their results, render (token for token) as the hub
+    template renders the same conversation, and the next request answers."""
+    r = client46.chat.completions.create(model="tiny46", messages=ASK, tools=TOOLS, tool_choice="required",
+                                         seed=1, max_tokens=160)
+    calls = [tc.model_dump() for tc in r.choices[0].message.tool_calls]
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": calls}] + [
+        {"role": "tool", "tool_call_id": c["id"], "content": "18 degrees"} for c in calls]
+    hub_history = ASK + [{"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": c["function"]["name"],
+                                          "arguments": json.loads(c["function"]["arguments"])}} for c in calls]}] \
+        + [{"role": "tool", "content": "18 degrees"} for _ in calls]
+    text = _render_hf(_hub_template(), hub_history, tools=TOOLS, add_generation_prompt=True)
+    assert "<tool_call>\n<function=" in text
+    assert _prompt_ids(model46, history, TOOLS) == hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+    answer = client46.chat.completions.create(model="tiny46", messages=history, tools=TOOLS, seed=2, max_tokens=8)
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls") and answer.usage.prompt_tokens > 0
