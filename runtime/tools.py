@@ -69,7 +69,8 @@ def call_grammar(tools: Sequence[Mapping[str, Any]], only: str | None, parallel:
 
 # --- the XML form (4.6) ---------------------------------------------------------------------------------------
 
-PARAM_CLOSE = "</parameter>"
+# A parameter's value ends with this line (the template writes "\n</parameter>\n" after it).
+_PARAM_END = "\n</parameter>\n"
 # A text value: anything without the markers that end a parameter or a call (the parser cuts at the first).
 _TEXT = "XML_TEXT: /(.|\\n)*/ & ~/(.|\\n)*(<\\/parameter>|<\\/tool_call>)(.|\\n)*/"
 
@@ -100,7 +101,7 @@ def _is_text(schema: Any) -> bool:
 def _text_terminal(schema: Mapping[str, Any]) -> str:
     """The lark terminal of a text value followed by the parameter's closing line (one terminal, so the lexer
     knows where the value ends)."""
-    end = _literal("\n" + PARAM_CLOSE + "\n")
+    end = _literal(_PARAM_END)
     choices = schema.get("enum", [schema["const"]] if "const" in schema else None)
     if choices:
         return "(" + " | ".join(_literal(c) for c in dict.fromkeys(choices)) + ") " + end
@@ -129,11 +130,11 @@ def _xml_body_rules(tools: Sequence[Mapping[str, Any]], only: str | None) -> lis
                 rules.append(f"p{i}_{k}: {head} V{i}_{k}")
             else:
                 value = json.dumps({**(schema if isinstance(schema, Mapping) else {}), "x-guidance": JSON_OPTIONS})
-                rules.append(f"p{i}_{k}: {head} %json {value} {_literal(chr(10) + PARAM_CLOSE + chr(10))}")
+                rules.append(f"p{i}_{k}: {head} %json {value} {_literal(_PARAM_END)}")
             parts.append(f"p{i}_{k}" if key in required else f"p{i}_{k}?")
         name = tool["function"]["name"]
-        rules.append(f"f{i}: {_literal(f'<function={name}>' + chr(10))} {' '.join(parts)} "
-                     f"{_literal('</function>' + chr(10))}")
+        head, tail = _literal(f"<function={name}>\n"), _literal("</function>\n")
+        rules.append(f"f{i}: {head} {' '.join(parts)} {tail}")
         bodies.append(f"f{i}")
     return ["body: " + " | ".join(bodies), *rules, *terminals]
 

@@ -372,3 +372,7 @@ def test_round_trip_renders_like_the_hub_template(client46, model46, hf_tokenize
     assert _prompt_ids(model46, history, TOOLS) == hf_tokenizer(text, add_special_tokens=False)["input_ids"]
     answer = client46.chat.completions.create(model="tiny46", messages=history, tools=TOOLS, seed=2, max_tokens=8)
     assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls") and answer.usage.prompt_tokens > 0
+    broken = [*history[:1], {**history[1], "tool_calls": [{**calls[0], "function": {
+        "name": calls[0]["function"]["name"], "arguments": "not json"}}]}, history[2]]
+    with pytest.raises(openai.BadRequestError, match=r"messages\[1\]\.tool_calls: arguments"):
+        client46.chat.completions.create(model="tiny46", messages=broken, tools=TOOLS, max_tokens=2)
