@@ -138,25 +138,25 @@ def _prompt_ids(model, messages, tools=None, thinking=False) -> list[int]:
             for t in seg]
 
 
+# every text conversation above that the hub template accepts, but "tool_response_user": the runtime cannot see a
+# user's text through its untrusted markers, so it counts that turn as a query (docs/minicpmv-4.6.md, deviation)
 TEXT_CONVERSATIONS = ("plain", "thinking", "system", "tools", "tools_system", "tools_empty_system", "calls",
-                      "calls_after_text", "calls_with_reasoning", "history", "tool_response_user")
+                      "calls_after_text", "calls_with_reasoning", "history")
 
 
 def test_runtime_prompt_tokenizes_like_the_hub_template(model46, hf_tokenizer):
     """What the runtime feeds the model (caller text marked untrusted and trimmed through the markers, OpenAI
     string arguments decoded for the template) is token for token what transformers feeds it from the hub
-    template, for every text conversation above (the bundle carries our template; the hub's is the reference)."""
+    template (the bundle carries our template; the hub's is the reference)."""
     hub = _hub_template()
     assert model46.facts.tool_call_format == "xml"
     for name in TEXT_CONVERSATIONS:
         messages, kw = CONVERSATIONS[name]
-        if name == "tool_response_user":      # a user turn that is only a <tool_response>: see docs (deviation)
-            continue
         thinking = bool(kw.get("enable_thinking"))
         text = _render_hf(hub, messages, **{**kw, "add_generation_prompt": True})
         ours = _prompt_ids(model46, _openai(messages), kw.get("tools"), thinking)
         assert ours == hf_tokenizer(text, add_special_tokens=False)["input_ids"], name
-    print(f"\n{len(TEXT_CONVERSATIONS) - 1} conversations: runtime prompt ids == hub template + HF tokenizer")
+    print(f"\n{len(TEXT_CONVERSATIONS)} conversations: runtime prompt ids == hub template + HF tokenizer")
 
 
 def test_arguments_that_are_not_an_object_are_refused(model46):
