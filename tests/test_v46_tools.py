@@ -159,6 +159,26 @@ def test_runtime_prompt_tokenizes_like_the_hub_template(model46, hf_tokenizer):
     print(f"\n{len(TEXT_CONVERSATIONS)} conversations: runtime prompt ids == hub template + HF tokenizer")
 
 
+def test_the_runtime_renders_the_hub_template_itself_the_same():
+    """A bundle exported from the real checkpoint carries the hub's template, not ours: the runtime's sandbox
+    renders it (macros, `|items`, `loop.previtem`, `|trim` through the markers) to the very text, markers
+    included, that it renders from ours, and its bundle check passes."""
+    from minicpmv_edge.export.synth_tokenizer import chat_template_text
+    from minicpmv_edge.facts import facts_for
+    from minicpmv_edge.runtime.prompt import PromptFormat, caller_tools, check_chat_template, render
+    from minicpmv_edge.runtime.session import normalize_messages
+    facts = facts_for("4.6")
+    hub, ours = (PromptFormat(chat_template=t, special_tokens=facts.special_tokens, use_image_id=True, query_num=64,
+                              thinking=True) for t in (_hub_template(), chat_template_text("qwen35")))
+    check_chat_template(hub)
+    for name in TEXT_CONVERSATIONS:
+        messages, kw = CONVERSATIONS[name]
+        req = normalize_messages(_openai(messages), facts.tool_call_format)
+        texts = [render(fmt, req.messages, enable_thinking=bool(kw.get("enable_thinking")),
+                        tools=caller_tools(kw.get("tools"))) for fmt in (hub, ours)]
+        assert texts[0] == texts[1], name
+
+
 def test_arguments_that_are_not_an_object_are_refused(model46):
     from minicpmv_edge.errors import MiniCPMVEdgeError
     for args in ("not json", "[1, 2]"):
