@@ -147,6 +147,10 @@ class ModelFacts:
     # the ones it marks special=false (they stay in decoded text).
     added_tokens: tuple[str, ...] = ()
     plain_added_tokens: tuple[str, ...] = ()
+    # How the model writes a tool call inside <tool_call></tool_call> (runtime/tools.py): "json" (Qwen2/Qwen3,
+    # 2.6-4.5: {"name": ..., "arguments": {...}}) or "xml" (Qwen3.5, 4.6: <function=name> with one
+    # <parameter=key> block per argument), as the version's chat template teaches it.
+    tool_call_format: str = "json"
     supported: bool = True            # end to end: export (LLM + vision) and runtime
     checkpoint_supported: bool = True  # the checkpoint reader, synth and the LLM GGUF export handle it
     unverified: tuple[str, ...] = ()  # field names not confirmed from a public source
@@ -331,6 +335,7 @@ _V46 = replace(
     llm_qk_norm=True,
     gguf_tokenizer_pre="qwen35",      # llama.cpp's name for the Qwen3.5 split regex (it adds \p{M})
     chat_template="qwen35",
+    tool_call_format="xml",           # the hub chat template's tools section (docs/minicpmv-4.6.md)
     stop_tokens=("<|im_end|>", "<|endoftext|>"),   # generation_config eos_token_id [248044, 248046]
     extra_special_tokens=GROUNDING_TOKENS,
     # 248044.. in the real vocabulary: Qwen3.5's own added tokens, then MiniCPM-V's image grammar
@@ -366,9 +371,9 @@ _V46 = replace(
                                   linear_num_key_heads=16, linear_num_value_heads=16, partial_rotary_factor=0.25,
                                   attn_output_gate=True, mtp_num_hidden_layers=1),
     supported=True,
-    # chat template: the hub jinja was not retrieved; ours follows the Qwen3.5-0.8B family template (thinking
-    # off unless asked) and the prompt the AXERA port renders. video: owned by the vision half.
-    unverified=("chat_template", "video", "query_num"),
+    # chat template: the hub's, as the HF API reports it (tests/reference/minicpmv46_chat_template.json, source
+    # cited there); ours renders the same (tests/test_v46_tools.py). video: owned by the vision half.
+    unverified=("video", "query_num"),
     # vision side [transformers 5.23 models/minicpmv4_6, vision_utils.get_vision_nearest_position_ids;
     # llama.cpp clip.cpp PROJECTOR_TYPE_MINICPMV4_6]: the ViT window merger (after insert_layer_id) and the
     # final merger each merge 2x2 patches; "4x" skips the window merger.

@@ -22,7 +22,7 @@ from minicpmv_edge.errors import MiniCPMVEdgeError
 
 from .decoder import TokenLogprob
 from .session import ChatResult, StreamEvent
-from .tools import ToolCallSplitter, call_grammar, split_answer
+from .tools import ToolCallSplitter, call_grammar, call_parser, split_answer
 
 BASIC_FIELDS = {"model", "messages", "stream", "max_tokens", "max_completion_tokens", "temperature", "top_p",
                 "seed", "stop"}
@@ -97,10 +97,15 @@ class OpenAIOptions:
     downsample_mode: str | None = None          # 4.6: "16x" (default) or "4x"; the session checks the value
     enable_thinking: bool | None = None         # None: the model name decides (`<name>-thinking`)
     seeds: list[int | None] = field(default_factory=lambda: [None])
+    tool_call_format: str = "json"              # how the model writes calls (facts.tool_call_format)
 
     @property
     def tools_in_prompt(self) -> list[dict[str, Any]] | None:
         return self.tools if self.tools and self.tool_choice != "none" else None
+
+    def parse_call(self, body: str) -> dict[str, Any] | None:
+        """One <tool_call> body of this model's answer -> an OpenAI tool call, or None."""
+        return call_parser(self.tool_call_format, self.tools)(body)
 
 
 def _response_format(value: Any) -> ResponseFormat | None:
@@ -220,12 +225,13 @@ def _check_messages(messages: Sequence[Any]) -> None:
 
 
 def parse_openai_fields(body: Mapping[str, Any], *, stream: bool, seed: int | None, n_vocab: int,
-                        has_thinking: bool) -> OpenAIOptions:
-    """The extra fields of a chat request (see the module doc); raises FieldError naming the first bad one."""
+                        has_thinking: bool, tool_call_format: str = "json") -> OpenAIOptions:
+    """The extra fields of a chat request (see the module doc); raises FieldError naming the first bad one.
+    `tool_call_format`: the model's (facts.tool_call_format), for the calls' grammar and parser."""
     unknown = sorted(set(body) - BASIC_FIELDS - EXTRA_FIELDS)
     if unknown:
         raise FieldError(unknown[0], f"'{unknown[0]}' is not supported by this server")
-    o = OpenAIOptions()
+    o = OpenAIOptions(tool_call_format=tool_call_format)
     o.n = _integer(body, "n", 1, MAX_N, 1)
     # choice i draws with seed + i, so a seeded request gives n different answers and the same n again
     o.seeds = [None if seed is None else seed + i for i in range(o.n)]
@@ -297,7 +303,7 @@ def grammar_for(o: OpenAIOptions, model: Any) -> str | None:
     single = [model.decoder.tokenize(m, parse_special=True) for m in ("<tool_call>", "</tool_call>")]
     open_id, close_id = (ids[0] if len(ids) == 1 else None for ids in single)
     text = call_grammar(o.tools, o.tool_name, o.parallel_tool_calls and o.tool_choice != "function", open_id,
-                        close_id, or_answer=answer)
+                        close_id, or_answer=answer, fmt=o.tool_call_format)
     return engine.lark(text, "tools" if forced else "response_format")
 
 
@@ -323,7 +329,7 @@ def usage(results: Sequence[ChatResult]) -> dict[str, int]:
 
 def choice_message(result: ChatResult, o: OpenAIOptions, token_bytes: TokenBytes) -> dict[str, Any]:
     """One `choices[i]` of a chat.completion (without its index)."""
-    content, calls = (split_answer(result.text) if o.tools_in_prompt else (result.text, []))
+    content, calls = (split_answer(result.text, o.parse_call) if o.tools_in_prompt else (result.text, []))
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if calls:
         message["tool_calls"] = calls
@@ -341,7 +347,7 @@ class ChoiceStream:
 
     def __init__(self, index: int, o: OpenAIOptions, token_bytes: TokenBytes):
         self.index, self.o, self.token_bytes = index, o, token_bytes
-        self.splitter = ToolCallSplitter() if o.tools_in_prompt else None
+        self.splitter = ToolCallSplitter(o.parse_call) if o.tools_in_prompt else None
         self.result: ChatResult | None = None
 
     def _choice(self, delta: dict[str, Any], finish: str | None = None,

@@ -16,6 +16,9 @@ and an assistant turn's tool calls (`caller_tools`, `caller_tool_calls`): what t
 name, its arguments as a string) is marked, and what they serialize (`tojson` of a spec or of arguments given
 as an object) is marked as a whole, keys included. Text between control tokens is tokenized as
 one piece, as before, so prompts without injected control strings tokenize exactly as the HF tokenizer does.
+Templates that walk a call's arguments key by key (the XML call form of 4.6) get them as an object whose keys
+and text values are marked, and the template's `trim` sees through the markers, so the marked prompt is the one
+the template renders from the caller's plain text.
 """
 from __future__ import annotations
 
@@ -50,10 +53,15 @@ def caller_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[Any] | None:
     return None if not tools else [CallerJSON(t) if isinstance(t, Mapping) else t for t in tools]
 
 
-def caller_tool_calls(calls: Any) -> Any:
+def caller_tool_calls(calls: Any, arguments_as_items: bool = False) -> Any:
     """An assistant turn's `tool_calls`, ready for the template: the name and string arguments marked untrusted
     (templates write them raw), object arguments marked as the caller's JSON (templates write them with tojson).
-    Calls in OpenAI's shape ({"function": {...}}) or flat ({"name", "arguments"}); anything else is left as is."""
+    Calls in OpenAI's shape ({"function": {...}}) or flat ({"name", "arguments"}); anything else is left as is.
+
+    `arguments_as_items` (templates of the XML call form, facts.tool_call_format "xml"): the template walks the
+    arguments key by key (`arguments|items`), so arguments given as a JSON string (as OpenAI clients send them)
+    are decoded to an object (ValueError if they are not one), and each key and each text value is marked
+    untrusted, each object or list value as the caller's JSON."""
     if not isinstance(calls, (list, tuple)):
         return calls
 
@@ -62,8 +70,11 @@ def caller_tool_calls(calls: Any) -> Any:
         if isinstance(out.get("name"), str):
             out["name"] = untrusted(out["name"])
         args = out.get("arguments")
-        out["arguments"] = untrusted(args) if isinstance(args, str) else \
-            CallerJSON(args) if isinstance(args, Mapping) else args
+        if arguments_as_items and args is not None:
+            out["arguments"] = _argument_items(args)
+        else:
+            out["arguments"] = untrusted(args) if isinstance(args, str) else \
+                CallerJSON(args) if isinstance(args, Mapping) else args
         return out
     marked = []
     for call in calls:
@@ -73,6 +84,24 @@ def caller_tool_calls(calls: Any) -> Any:
             call = mark(call)
         marked.append(call)
     return marked
+
+
+def _argument_items(args: Any) -> dict[str, Any]:
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            raise ValueError("arguments: not valid JSON (this model's template needs them as an object)") from None
+    if not isinstance(args, Mapping):
+        raise ValueError("arguments: must be a JSON object")
+
+    def value(v: Any) -> Any:
+        if isinstance(v, str):
+            return untrusted(v)
+        if isinstance(v, Mapping):
+            return CallerJSON(v)
+        return CallerJSONList(v) if isinstance(v, (list, tuple)) else v
+    return {untrusted(str(k)): value(v) for k, v in args.items()}
 
 
 def _raise(message: str):
@@ -88,8 +117,12 @@ class CallerJSON(dict):
     """A JSON object from the caller (a tool spec, a call's arguments): `tojson` marks all of its text untrusted."""
 
 
+class CallerJSONList(list):
+    """A JSON array from the caller (an argument's value): `tojson` marks all of its text untrusted."""
+
+
 def _holds_caller_json(value: Any, depth: int = 0) -> bool:
-    if isinstance(value, CallerJSON):
+    if isinstance(value, (CallerJSON, CallerJSONList)):
         return True
     if depth < 3 and isinstance(value, (list, tuple)):      # `tools | tojson` serializes the whole list
         return any(_holds_caller_json(v, depth + 1) for v in value)
@@ -105,6 +138,28 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, s
 
 
 _ENV.filters["tojson"] = _tojson
+
+
+def _trim(value: Any, chars: str | None = None) -> str:
+    """jinja's `trim`, seeing through the untrusted markers: whitespace at either end of the text is removed
+    whether it is the template's or the caller's (templates trim message content; a marked message that is only
+    whitespace trims to "")."""
+    text = str(value)
+    if _OPEN not in text:
+        return text.strip(chars)
+    pieces = _pieces(text)
+    while pieces and not pieces[0][0].lstrip(chars):
+        pieces.pop(0)
+    while pieces and not pieces[-1][0].rstrip(chars):
+        pieces.pop()
+    if not pieces:
+        return ""
+    pieces[0] = (pieces[0][0].lstrip(chars), pieces[0][1])
+    pieces[-1] = (pieces[-1][0].rstrip(chars), pieces[-1][1])
+    return "".join(piece if trusted else untrusted(piece) for piece, trusted in pieces)
+
+
+_ENV.filters["trim"] = _trim
 
 
 @dataclass(frozen=True)
@@ -145,7 +200,7 @@ def render(fmt: PromptFormat, messages: Sequence[Mapping[str, Any]], *, enable_t
         raise PromptError(f"chat template error: {type(exc).__name__}: {exc}") from None
     if tools and not all(json.dumps(t["function"]["name"], ensure_ascii=False)[1:-1] in text for t in tools):
         raise PromptError("this bundle's chat template does not render tools (re-export it with a tool-aware "
-                          "template, e.g. the 4.5 one)")
+                          "template, e.g. the 4.5 or 4.6 one)")
     return text
 
 
@@ -219,6 +274,19 @@ def expand_tags(text: str, placeholders: Sequence[str]) -> str:
     return "".join(out)
 
 
+def _pieces(text: str) -> list[tuple[str, bool]]:
+    """Rendered text -> its (text, trusted) pieces, caller text (between the markers) untrusted."""
+    pieces: list[tuple[str, bool]] = []
+    head, *rest = text.split(_OPEN)
+    pieces.append((head, True))
+    for chunk in rest:
+        inner, sep, after = chunk.partition(_CLOSE)
+        pieces.append((inner, False))            # an unclosed marker (cannot happen) keeps the rest untrusted
+        if sep:
+            pieces.append((after, True))
+    return pieces
+
+
 def tokenize_prompt(text: str, placeholders: Sequence[str], special_tokens: Sequence[str],
                     tokenize: Callable[[str], list[int]], special_id: Callable[[str], int]
                     ) -> tuple[list[int], set[int]]:
@@ -227,14 +295,7 @@ def tokenize_prompt(text: str, placeholders: Sequence[str], special_tokens: Sequ
     Each IMAGE_TAG outside caller text becomes its placeholder; in the template's text and the placeholders,
     every occurrence of one of `special_tokens` becomes that token (`special_id`); everything else, caller
     text included, is tokenized by `tokenize` with special-token parsing off, in runs between control tokens."""
-    pieces: list[tuple[str, bool]] = []          # (text, trusted)
-    head, *rest = text.split(_OPEN)
-    pieces.append((head, True))
-    for chunk in rest:
-        inner, sep, after = chunk.partition(_CLOSE)
-        pieces.append((inner, False))            # an unclosed marker (cannot happen) keeps the rest untrusted
-        if sep:
-            pieces.append((after, True))
+    pieces = _pieces(text)
     expanded: list[tuple[str, bool]] = []
     tags = iter(placeholders)
     n_tags = 0

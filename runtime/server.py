@@ -680,7 +680,8 @@ def create_app(model: MiniCPMV, opts: ServerOptions | None = None):
         req = parse_chat_request(body, opts, thinking_available=thinking_available)
         try:
             api = parse_openai_fields(body, stream=req.stream, seed=req.seed, n_vocab=model.decoder.n_vocab,
-                                      has_thinking=thinking_available)
+                                      has_thinking=thinking_available,
+                                      tool_call_format=model.facts.tool_call_format)
         except FieldError as exc:
             raise _error_from(exc) from None
         if api.enable_thinking is not None:      # chat_template_kwargs wins over the model-name alias

@@ -182,9 +182,10 @@ def _part_image(part: Mapping[str, Any]) -> Any:
     return part.get("image")
 
 
-def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> _Request:
+def normalize_messages(messages: Sequence[Mapping[str, Any]], tool_call_format: str = "json") -> _Request:
     """OpenAI-shaped messages (content a string or a list of text / image_url / image parts, or PIL images)
-    -> text messages with one IMAGE_TAG per image (items joined by "\\n", as `model.chat` does) + the images."""
+    -> text messages with one IMAGE_TAG per image (items joined by "\\n", as `model.chat` does) + the images.
+    `tool_call_format` (facts): with "xml", an assistant turn's call arguments reach the template as objects."""
     if not messages:
         raise MiniCPMVEdgeError("messages: empty")
     out = _Request([])
@@ -244,7 +245,11 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> _Request:
             if msg.get(key) is not None:
                 text_msg[key] = msg[key]
         if "tool_calls" in text_msg:                 # the caller's too: no control tokens from them either
-            text_msg["tool_calls"] = caller_tool_calls(text_msg["tool_calls"])
+            try:
+                text_msg["tool_calls"] = caller_tool_calls(text_msg["tool_calls"],
+                                                           arguments_as_items=tool_call_format == "xml")
+            except ValueError as exc:
+                raise MiniCPMVEdgeError(f"messages[{n}].tool_calls: {exc}") from None
         out.messages.append(text_msg)
     return out
 
@@ -622,7 +627,7 @@ class MiniCPMV:
             raise MiniCPMVEdgeError(f"MiniCPM-V {self.facts.version} has no thinking mode")
         slices = self._slices(max_slices)
         t = timings if timings is not None else Timings()
-        req = normalize_messages(messages)
+        req = normalize_messages(messages, self.facts.tool_call_format)
         n_ctx = self.decoder.n_ctx
         chars = sum(len(m["content"]) for m in req.messages)
         if chars > n_ctx * MAX_CHARS_PER_POSITION:
