@@ -26,16 +26,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from minicpmv_edge.workflows.benchmark import bench_image_file
+
 MODES = ("default", "low-memory")
 GIB = 2 ** 30
 
 
 def _snapshot() -> dict[str, float]:
-    from minicpmv_edge.runtime.memory import memory_status
-    s = memory_status()
-    if s is None:
+    """The bench's per-stage reading (MiB: peak_rss_mb, rss_mb, rss_anon_mb, rss_file_mb, rss_shmem_mb)."""
+    from minicpmv_edge.workflows.benchmark import memory_snapshot
+    snap = memory_snapshot()
+    if "rss_anon_mb" not in snap:
         raise SystemExit("bench_memory needs Linux's /proc/self/status")
-    return {k: v / 2 ** 20 for k, v in s.items()}          # MiB: rss, peak, anon, file, shmem
+    return snap
 
 
 def _probe(conn, checkpoint: str, llm: str, vision: str, resampler: str | None, mode: str, threads: int,
@@ -74,7 +77,8 @@ def measure(checkpoint: Path, llm: Path, vision: Path, resampler: Path | None, m
     try:
         status, payload = parent.recv()
     except EOFError:
-        status, payload = "error", f"the probe process died (exit code {proc.join(5) or proc.exitcode})"
+        proc.join(5)
+        status, payload = "error", f"the probe process died (exit code {proc.exitcode})"
     proc.join(60)
     if status == "error":
         raise SystemExit(f"{llm.name} ({mode}): {payload}")
@@ -84,19 +88,10 @@ def measure(checkpoint: Path, llm: Path, vision: Path, resampler: Path | None, m
     return {"version": payload["version"], "llm_file": llm.name, "vision_file": vision.name, "mode": mode,
             "load_mode": payload["load_mode"], "threads": threads, "n_ctx": payload["n_ctx"],
             "answer_tokens": payload["answer_tokens"], "file_mib": {k: v / 2 ** 20 for k, v in files.items()},
-            "peak_mib": end["peak"], "end_anon_mib": end["anon"], "end_file_mib": end["file"],
-            "base_mib": payload["stages"]["imports"]["peak"], "stages": payload["stages"], "seconds": time.perf_counter() - t0,
+            "peak_mib": end["peak_rss_mb"], "end_anon_mib": end["rss_anon_mb"], "end_file_mib": end["rss_file_mb"],
+            "base_mib": payload["stages"]["imports"]["peak_rss_mb"], "stages": payload["stages"], "seconds": time.perf_counter() - t0,
             "machine": f"{platform.machine()} {platform.system()} {os.cpu_count()} cpus",
             "date": time.strftime("%Y-%m-%d %H:%M")}
-
-
-def _image(folder: Path) -> Path:
-    from PIL import Image, ImageDraw
-    img = Image.new("RGB", (448, 448), (235, 235, 225))
-    ImageDraw.Draw(img).ellipse((40, 60, 200, 220), fill=(220, 40, 40))
-    path = folder / "memory.png"
-    img.save(path)
-    return path
 
 
 def _fits(peak_mib: float, ram_gib: int) -> str:
@@ -143,7 +138,7 @@ def main() -> int:
         ap.error("CHECKPOINT, --vision and at least one --llm are needed; --mode from " + ", ".join(MODES))
     rows = json.loads(args.out.read_text()) if args.out and args.out.exists() else []
     with tempfile.TemporaryDirectory() as tmp:
-        image = _image(Path(tmp))
+        image = bench_image_file(None, Path(tmp))     # the bench's generated 448x448 picture
         for llm in args.llm:
             for mode in modes:
                 row = measure(args.checkpoint, llm, args.vision, args.resampler, mode, args.threads, image,

@@ -87,12 +87,17 @@ def _properties(tool: Mapping[str, Any]) -> tuple[Mapping[str, Any], set[str]]:
     return props, set(required)
 
 
+def _choices(schema: Mapping[str, Any]) -> Any:
+    """The values an enum or const schema allows (None for neither)."""
+    return schema.get("enum", [schema["const"]] if "const" in schema else None)
+
+
 def _is_text(schema: Any) -> bool:
     """A parameter whose value is written as plain text (not JSON): declared a string, or an enum/const of
     strings."""
     if not isinstance(schema, Mapping):
         return False
-    choices = schema.get("enum", [schema["const"]] if "const" in schema else None)
+    choices = _choices(schema)
     if isinstance(choices, list) and choices:
         return all(isinstance(c, str) for c in choices)
     return schema.get("type") == "string"
@@ -102,7 +107,7 @@ def _text_terminal(schema: Mapping[str, Any]) -> str:
     """The lark terminal of a text value followed by the parameter's closing line (one terminal, so the lexer
     knows where the value ends)."""
     end = _literal(_PARAM_END)
-    choices = schema.get("enum", [schema["const"]] if "const" in schema else None)
+    choices = _choices(schema)
     if choices:
         return "(" + " | ".join(_literal(c) for c in dict.fromkeys(choices)) + ") " + end
     value = "XML_TEXT"

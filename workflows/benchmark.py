@@ -631,7 +631,7 @@ def _conditions(contended: int) -> list[tuple[str, int]]:
     return [("quiet", 0)] + ([("contended", contended)] if contended else [])
 
 
-def _bench_image_file(image: Path | None, folder: Path) -> str:
+def bench_image_file(image: Path | None, folder: Path) -> str:
     if image is not None:
         if not image.is_file():
             raise MiniCPMVEdgeError(f"{image}: image file not found")
@@ -728,7 +728,7 @@ def run_bench(bundle: Path, *, image: Path | None = None, reps: int = 5, n_decod
     if only_llm and not builds:
         builds = {"default": default}
     with tempfile.TemporaryDirectory() as tmp:
-        img = None if only_llm else _bench_image_file(image, Path(tmp))
+        img = None if only_llm else bench_image_file(image, Path(tmp))
         llm_path = str(bundle) if only_llm else None
         for t in sweep:
             per: dict[str, Any] = {}
