@@ -157,8 +157,9 @@ class BudgetedSandbox(ImmutableSandboxedEnvironment):
         return super().call(__context, __obj, *args, **kwargs)
 
     def wrap_str_format(self, value: Any):
+        # jinja calls this for every call; only str.format / str.format_map take a width from the string
         owner = getattr(value, "__self__", None)
-        if isinstance(owner, str):
+        if isinstance(owner, str) and getattr(value, "__name__", "") in ("format", "format_map"):
             _check_format_string(owner)
         return super().wrap_str_format(value)
 

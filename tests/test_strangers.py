@@ -251,7 +251,7 @@ def test_render_time_budget_stops_loops_range_does_not_count():
     assert sys.gettrace() is before                                       # the caller's trace function is back
 
 
-@pytest.mark.parametrize("version", ["2.6", "4.0", "4.5"])
+@pytest.mark.parametrize("version", ["2.6", "4.0", "4.5", "4.6"])
 def test_shipped_chat_templates_pass_the_open_check(version):
     """The templates the exporter ships render the sample conversation within the budget, unchanged."""
     from minicpmv_edge.facts import facts_for
@@ -263,3 +263,20 @@ def test_shipped_chat_templates_pass_the_open_check(version):
     check_chat_template(fmt)
     text = render(fmt, [{"role": "user", "content": f"{IMAGE_TAG}\nhi"}], enable_thinking=False if f.thinking else None)
     assert "<|im_start|>user\n" + IMAGE_TAG in text
+
+
+@pytest.mark.parametrize("version", ["2.6", "4.0", "4.5", "4.6"])
+def test_long_numbers_in_messages_are_text_not_format_widths(version):
+    """A user's phone number (or a model's digits, fed back in a later turn) is content: the format-width guard
+    applies to str.format and '%' only, never to the other str methods a template calls on content."""
+    from minicpmv_edge.facts import facts_for
+    from minicpmv_edge.runtime.prompt import PromptFormat, render
+    f = facts_for(version)
+    source = (Path(__file__).resolve().parents[1] / "export" / "templates" / f"{f.chat_template}.jinja").read_text()
+    fmt = PromptFormat(chat_template=source, special_tokens=f.special_tokens, use_image_id=f.use_image_id,
+                       query_num=f.query_num, thinking=f.thinking)
+    digits = "call me at 004915112345678, order 12345678901234567890"
+    messages = [{"role": "system", "content": digits}, {"role": "user", "content": digits},
+                {"role": "assistant", "content": digits}, {"role": "user", "content": "and " + digits}]
+    text = render(fmt, messages, enable_thinking=False if f.thinking else None)
+    assert text.count("12345678901234567890") == 4
