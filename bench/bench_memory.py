@@ -11,7 +11,9 @@ Memory is read from /proc/self/status after each stage; the row's figure is the 
 the end into anonymous memory (heap, llama.cpp's weights in "read" mode, KV cache, ORT arena: what the OS
 cannot drop) and file pages (mmap'd weights: clean, droppable and re-read under pressure). Modes: `default`
 (the platform's load mode, runtime/memory.py) and `low-memory` (`--low-memory`: mmap without repacking, vision
-session freed after the image). Rows append to --out, so runs over several checkpoints build one table.
+session freed after the image, q8_0 KV cache, 128-token micro-batches: runtime/memory.low_memory_context). Each
+row also has the seconds of the image's encoding, the question's TTFT after it and decode tok/s, so a memory lever
+is seen next to its cost (`--reps` interleaves the modes). Rows append to --out, so runs over several checkpoints build one table.
 Linux only (/proc).
 """
 from __future__ import annotations
@@ -52,13 +54,17 @@ def _probe(conn, checkpoint: str, llm: str, vision: str, resampler: str | None, 
         m = session_from_files(ckpt, Path(llm), Path(vision), Path(resampler) if resampler else None, threads,
                                low_memory=mode == "low-memory", n_ctx=n_ctx)
         stages["load"] = _snapshot()
+        t0 = time.perf_counter()
         prepared = m.prepare_image(image)
+        prepare_s = time.perf_counter() - t0
         stages["vision"] = _snapshot()
         r = m.chat([{"role": "user", "content": [prepared, {"type": "text", "text": "Describe this image."}]}],
                    greedy=True, max_tokens=decode)
         stages["answer"] = _snapshot()
         conn.send(("ok", {"stages": stages, "version": ckpt.facts.version, "load_mode": m.decoder.load_mode,
-                          "answer_tokens": r.timings.completion_tokens, "n_ctx": m.decoder.n_ctx}))
+                          "answer_tokens": r.timings.completion_tokens, "n_ctx": m.decoder.n_ctx,
+                          "kv_type": m.decoder.kv_type, "n_ubatch": m.decoder.n_ubatch, "prepare_s": prepare_s,
+                          "ttft_s": r.timings.first_token, "decode_tok_s": r.timings.decode_tok_s}))
         m.close()
     except Exception as e:  # noqa: BLE001 - reported by the parent as one line
         conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -87,6 +93,8 @@ def measure(checkpoint: Path, llm: Path, vision: Path, resampler: Path | None, m
              "resampler": resampler.stat().st_size if resampler else 0}
     return {"version": payload["version"], "llm_file": llm.name, "vision_file": vision.name, "mode": mode,
             "load_mode": payload["load_mode"], "threads": threads, "n_ctx": payload["n_ctx"],
+            "kv_type": payload["kv_type"], "n_ubatch": payload["n_ubatch"], "prepare_s": payload["prepare_s"],
+            "ttft_s": payload["ttft_s"], "decode_tok_s": payload["decode_tok_s"],
             "answer_tokens": payload["answer_tokens"], "file_mib": {k: v / 2 ** 20 for k, v in files.items()},
             "peak_mib": end["peak_rss_mb"], "end_anon_mib": end["rss_anon_mb"], "end_file_mib": end["rss_file_mb"],
             "base_mib": payload["stages"]["imports"]["peak_rss_mb"], "stages": payload["stages"], "seconds": time.perf_counter() - t0,
@@ -105,15 +113,19 @@ def _fits(peak_mib: float, ram_gib: int) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| version | LLM file | vision file | mode, context | files MiB | peak RSS MiB | peak / files | anon / "
-            "file pages at end MiB | 4 GB | 8 GB |\n|---|---|---|---|---:|---:|---:|---:|---|---|")
+    head = ("| version | LLM file | vision file | mode (load, KV, micro-batch), context | files MiB | peak RSS MiB | "
+            "peak / files | anon / file pages at end MiB | 4 GB | 8 GB | image s | TTFT s | decode tok/s |\n"
+            "|---|---|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|")
     lines = [head]
     for r in rows:
         files = sum(r["file_mib"].values())
-        lines.append(f"| {r['version']} | {r['llm_file']} | {r['vision_file']} | {r['mode']} ({r['load_mode']}), {r['n_ctx']} "
+        # rows written before the KV/micro-batch/timing columns existed ran f16, 512, untimed
+        settings = f"{r['load_mode']}, {r.get('kv_type', 'f16')}, {r.get('n_ubatch', 512)}"
+        timing = " | ".join(f"{r[k]:.2f}" if k in r else "–" for k in ("prepare_s", "ttft_s", "decode_tok_s"))
+        lines.append(f"| {r['version']} | {r['llm_file']} | {r['vision_file']} | {r['mode']} ({settings}), {r['n_ctx']} "
                      f"| {files:,.0f} | {r['peak_mib']:,.0f} | {r['peak_mib'] / files:.2f} | "
                      f"{r['end_anon_mib']:,.0f} / {r['end_file_mib']:,.0f} | {_fits(r['peak_mib'], 4)} | "
-                     f"{_fits(r['peak_mib'], 8)} |")
+                     f"{_fits(r['peak_mib'], 8)} | {timing} |")
     return "\n".join(lines)
 
 
@@ -127,6 +139,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--ctx", type=int, default=4096, help="context length (the KV cache is sized by it)")
+    ap.add_argument("--reps", type=int, default=1, help="repetitions, the modes interleaved within each")
     ap.add_argument("--out", type=Path, help="JSON list of rows to append to")
     ap.add_argument("--table", type=Path, help="print the markdown table of this JSON file and exit")
     args = ap.parse_args()
@@ -139,16 +152,16 @@ def main() -> int:
     rows = json.loads(args.out.read_text()) if args.out and args.out.exists() else []
     with tempfile.TemporaryDirectory() as tmp:
         image = bench_image_file(None, Path(tmp))     # the bench's generated 448x448 picture
-        for llm in args.llm:
-            for mode in modes:
-                row = measure(args.checkpoint, llm, args.vision, args.resampler, mode, args.threads, image,
-                              args.decode, args.ctx)
-                print(table([row]).splitlines()[-1], flush=True)
-                rows.append(row)
-                if args.out:
-                    tmp_out = args.out.with_name(args.out.name + ".partial")
-                    tmp_out.write_text(json.dumps(rows, indent=1) + "\n")
-                    os.replace(tmp_out, args.out)
+        runs = [(llm, mode) for llm in args.llm for _ in range(args.reps) for mode in modes]
+        for llm, mode in runs:
+            row = measure(args.checkpoint, llm, args.vision, args.resampler, mode, args.threads, image,
+                          args.decode, args.ctx)
+            print(table([row]).splitlines()[-1], flush=True)
+            rows.append(row)
+            if args.out:
+                tmp_out = args.out.with_name(args.out.name + ".partial")
+                tmp_out.write_text(json.dumps(rows, indent=1) + "\n")
+                os.replace(tmp_out, args.out)
     print(table(rows))
     return 0
 

@@ -413,7 +413,7 @@ def session_from_files(ckpt, llm_path: Path, vision_path: Path, resampler_path: 
 
     from minicpmv_edge.export.bundle import preprocess_section, prompt_section
     from minicpmv_edge.runtime.decoder import Decoder
-    from minicpmv_edge.runtime.memory import resolve_load_mode
+    from minicpmv_edge.runtime.memory import low_memory_context, resolve_load_mode
     from minicpmv_edge.runtime.resampler import load_resampler
     from minicpmv_edge.runtime.session import MiniCPMV
     from minicpmv_edge.runtime.vision import OnnxVision, ResamplerInGraph
@@ -422,7 +422,7 @@ def session_from_files(ckpt, llm_path: Path, vision_path: Path, resampler_path: 
     resampler = (load_resampler(resampler_path, threads=threads) if resampler_path is not None
                  else ResamplerInGraph(ckpt.llm.hidden_size))
     decoder = Decoder(llm_path, threads=threads, n_ctx=n_ctx, eval_callback=eval_callback,
-                      load_mode=resolve_load_mode(None, low_memory=low_memory))
+                      load_mode=resolve_load_mode(None, low_memory=low_memory), **low_memory_context(low_memory))
     return MiniCPMV(facts=ckpt.facts, decoder=decoder,
                     vision=OnnxVision(vision_path, threads=threads, num_patches_per_side=cfg.num_patches_per_side,
                                       position_rule=cfg.position_rule),

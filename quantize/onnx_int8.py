@@ -26,6 +26,7 @@ bench/results/); random weights are harsher on int8 than trained ones, so those 
 """
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 import tempfile
@@ -39,6 +40,7 @@ from minicpmv_edge.errors import MiniCPMVEdgeError
 from minicpmv_edge.export.checkpoint import Checkpoint
 from minicpmv_edge.export.onnx_vision import (OnnxArtifact, export_onnx, graph_of, onnx_file_name, op_counts,
                                               open_vision_checkpoint, save_onnx)
+from minicpmv_edge.runtime.memory import return_freed_heap
 
 __all__ = ["Int8Recipe", "RECIPES", "DEFAULT_RECIPE", "ROLES", "matmul_roles", "quantize_onnx",
            "quantize_vision_onnx", "recipe", "int8_file_name"]
@@ -180,7 +182,9 @@ def quantize_onnx(src: str | Path, out_path: str | Path, recipe_name: str | Int8
 
     r = recipe(recipe_name)
     t0 = time.perf_counter()
-    model = onnx.load(str(src))
+    # the roles need shapes only: the weights (GBs for a 4.6 tower + merger) stay on disk until a quantizer
+    # reads them, so at most one copy of the fp32 graph is in memory at a time
+    model = onnx.load(str(src), load_external_data=False)
     has_attention = any(n.op_type == "Attention" for n in model.graph.node)
     if r.method == "nbits" and has_attention:
         raise MiniCPMVEdgeError(f"{src}: recipe {r.name} quantizes q/k/v MatMuls, but this graph has them packed in "
@@ -191,6 +195,7 @@ def quantize_onnx(src: str | Path, out_path: str | Path, recipe_name: str | Int8
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
     out_path = Path(out_path)
     if r.method == "dynamic":
+        del model                                   # quantize_dynamic loads its own copy
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
@@ -201,8 +206,10 @@ def quantize_onnx(src: str | Path, out_path: str | Path, recipe_name: str | Int8
                              extra_options={"MatMulConstBOnly": True}, use_external_data_format=True)
             quantized = onnx.load(str(tmp_out))
     elif r.method == "nbits":
+        from onnx.external_data_helper import load_external_data_for_model
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+        load_external_data_for_model(model, str(Path(src).parent))
         q = MatMulNBitsQuantizer(model, bits=r.bits, block_size=r.block_size, is_symmetric=True,
                                  accuracy_level=r.accuracy_level, nodes_to_exclude=keep,
                                  op_types_to_quantize=("MatMul",))
@@ -246,6 +253,10 @@ def quantize_vision_onnx(ckpt: Checkpoint | str | Path, out_dir: str | Path, nam
                     given[(graph, r.base)] = export_onnx(ckpt, tmp / f"{graph}-{r.base}.onnx", graph=graph,
                                                          fuse=r.base).path
                 out.append(quantize_onnx(given[(graph, r.base)], out_dir / int8_file_name(name, r.name, graph), r))
+                # the quantizer's protobuf copies are garbage now; glibc keeps freed heap unless asked, and a 4.6
+                # export runs two graphs of 2 GB each: without this its second one started at 17 GB RSS
+                gc.collect()
+                return_freed_heap()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -888,7 +888,7 @@ def load(bundle: str | Path | Bundle, *, llm: str | None = None, vision: str | N
     `load_mode` says how the LLM weights are held (runtime/memory.py; default: resident once for this CPU);
     `low_memory` keeps them in evictable file pages and frees the vision session between requests."""
     from .decoder import Decoder
-    from .memory import default_threads, resolve_load_mode
+    from .memory import default_threads, low_memory_context, resolve_load_mode
     from .resampler import load_resampler
     from .session import MiniCPMV
     from .vision import ResamplerInGraph
@@ -915,7 +915,7 @@ def load(bundle: str | Path | Bundle, *, llm: str | None = None, vision: str | N
     cfg = replace(m.preprocess.config(), position_rule=b.facts.vision_position_ids)
     other_modes = _other_mode_loaders(b, vis_entry, threads, cfg, hashes)
     decoder = Decoder(llm_file, n_ctx=n_ctx, threads=threads, exact=exact, eval_callback=eval_callback,
-                      load_mode=resolve_load_mode(load_mode, low_memory=low_memory))
+                      load_mode=resolve_load_mode(load_mode, low_memory=low_memory), **low_memory_context(low_memory))
     try:
         vis = backend.make(vis_file, threads, cfg)
         embed_dim = m.model.resampler.embed_dim if m.model.resampler is not None else m.model.llm.hidden_size

@@ -31,7 +31,8 @@ from minicpmv_edge.errors import MiniCPMVEdgeError
 from . import llamacpp_log
 from .memory import default_threads, resolve_load_mode
 
-GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
+GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q8_0 = 0, 1, 8
+KV_TYPES = {"f32": GGML_TYPE_F32, "f16": GGML_TYPE_F16, "q8_0": GGML_TYPE_Q8_0}
 STATE_SEQ_PARTIAL_ONLY = 1     # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY: only the recurrent (or SWA) part
 MAX_STATE_SNAPSHOTS = 4     # ~20 MB each for 4.6 (18 delta-net layers x 16 heads x 128 x 128 f32)
 
@@ -172,12 +173,15 @@ class Decoder:
     """One llama.cpp model + context (one sequence). Not thread-safe: callers serialise requests."""
 
     def __init__(self, gguf_path: str | Path, *, n_ctx: int = 4096, n_batch: int = 512, threads: int | None = None,
-                 exact: bool = False, eval_callback=None, load_mode: str | None = None):
+                 exact: bool = False, eval_callback=None, load_mode: str | None = None,
+                 n_ubatch: int | None = None, kv_type: str = "f16"):
         """exact=True keeps the KV cache in f32 and disables flash attention, so logits match a float32
         reference to ~1e-6 (the defaults round K/V to f16: ~1e-3). `eval_callback` (a
         `llama_cpp.ggml_backend_sched_eval_callback`, kept referenced by the caller) sees every graph tensor:
         the importance-matrix collector (quantize/imatrix.py) reads matmul inputs through it. `load_mode`: how
-        the weights are held, one of memory.LOAD_MODES (default "auto": resident once, see runtime/memory.py)."""
+        the weights are held, one of memory.LOAD_MODES (default "auto": resident once, see runtime/memory.py).
+        `n_ubatch` (default n_batch) sizes llama.cpp's compute buffer, whose worst case holds the logits of a whole
+        micro-batch; `kv_type` ("f16", "q8_0" or "f32") is the KV cache's type (memory.low_memory_context)."""
         import llama_cpp
 
         self._lc = llama_cpp
@@ -196,7 +200,13 @@ class Decoder:
             raise MiniCPMVEdgeError(llamacpp_log.explain(f"{path}: llama.cpp could not load this GGUF"))
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
-        cparams.n_batch = cparams.n_ubatch = n_batch
+        if kv_type not in KV_TYPES:
+            raise MiniCPMVEdgeError(f"KV cache type {kv_type!r} is not one of {', '.join(KV_TYPES)}")
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = min(n_ubatch or n_batch, n_batch)
+        cparams.type_k = cparams.type_v = KV_TYPES[kv_type]
+        if kv_type == "q8_0":   # llama.cpp quantizes the V cache only with flash attention
+            cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         threads = threads or default_threads()
         cparams.n_threads = cparams.n_threads_batch = threads
         if exact:
@@ -214,6 +224,7 @@ class Decoder:
         self.n_embd = llama_cpp.llama_model_n_embd_inp(self.model)
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         self.n_batch = n_batch
+        self.n_ubatch, self.kv_type = cparams.n_ubatch, "f32" if exact else kv_type
         self.last_prefill_positions = 0
         self.last_prefill_s = 0.0
         self._mem = llama_cpp.llama_get_memory(self.ctx)

@@ -106,3 +106,30 @@ def test_low_memory_frees_the_vision_session_and_answers_the_same(tiny_bundle):
         assert low.vision.session is None
     finally:
         low.close()
+
+
+def test_low_memory_context_quantizes_the_kv_cache_and_shrinks_micro_batches(tiny_bundle):
+    """--low-memory's context (memory.low_memory_context): a q8_0 KV cache holds the same positions in about
+    8.5/16 of the f16 cache's bytes (llama.cpp's saved sequence state is the cache's contents), with 128-token
+    micro-batches, and a prompt longer than one micro-batch still prefills to the same greedy answer."""
+    import llama_cpp
+
+    from minicpmv_edge.runtime.decoder import Decoder
+    gguf = next(Path(tiny_bundle("4.5")).glob("*Q4_K_M*.gguf"))
+    assert memory.low_memory_context(False) == {}
+    sizes, answers = {}, {}
+    for name, kwargs in (("f16", {}), ("q8_0", memory.low_memory_context(True))):
+        dec = Decoder(gguf, n_ctx=1024, **kwargs)
+        try:
+            assert dec.kv_type == name and dec.n_ubatch == (128 if name == "q8_0" else 512)
+            prompt = dec.tokenize("word " * 300)            # hundreds of positions: several micro-batches
+            answers[name] = [int(np.argmax(dec.prefill([prompt])))]
+            sizes[name] = llama_cpp.llama_state_seq_get_size(dec.ctx, 0)
+        finally:
+            dec.close()
+    print(f"\nsequence state after {len(prompt)} positions: f16 {sizes['f16']} B, q8_0 {sizes['q8_0']} B "
+          f"({sizes['q8_0'] / sizes['f16']:.3f})")
+    assert 0.45 < sizes["q8_0"] / sizes["f16"] < 0.6
+    assert answers["q8_0"] == answers["f16"]
+    with pytest.raises(MiniCPMVEdgeError, match="KV cache type 'q4' is not one of"):
+        Decoder(gguf, n_ctx=256, kv_type="q4")
