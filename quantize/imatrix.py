@@ -421,11 +421,11 @@ def session_from_files(ckpt, llm_path: Path, vision_path: Path, resampler_path: 
     cfg = replace(preprocess_section(ckpt).config(), position_rule=ckpt.facts.vision_position_ids)
     resampler = (load_resampler(resampler_path, threads=threads) if resampler_path is not None
                  else ResamplerInGraph(ckpt.llm.hidden_size))
+    vision = OnnxVision(vision_path, threads=threads, num_patches_per_side=cfg.num_patches_per_side,
+                        position_rule=cfg.position_rule)      # first, as runtime.bundle.load does
     decoder = Decoder(llm_path, threads=threads, n_ctx=n_ctx, eval_callback=eval_callback,
                       load_mode=resolve_load_mode(None, low_memory=low_memory), **low_memory_context(low_memory))
-    return MiniCPMV(facts=ckpt.facts, decoder=decoder,
-                    vision=OnnxVision(vision_path, threads=threads, num_patches_per_side=cfg.num_patches_per_side,
-                                      position_rule=cfg.position_rule),
+    return MiniCPMV(facts=ckpt.facts, decoder=decoder, vision=vision,
                     resampler=resampler, prompt_format=prompt_section(ckpt).format(), preprocess=cfg,
                     low_memory=low_memory)
 

@@ -914,10 +914,12 @@ def load(bundle: str | Path | Bundle, *, llm: str | None = None, vision: str | N
                           f"main vision graph must run the default mode {default_mode}")
     cfg = replace(m.preprocess.config(), position_rule=b.facts.vision_position_ids)
     other_modes = _other_mode_loaders(b, vis_entry, threads, cfg, hashes)
+    # the vision session first: onnxruntime's load-time peak (it parses the whole model file, then packs the
+    # weights) then does not stack on the LLM's weights, KV cache and compute buffer already resident
+    vis = backend.make(vis_file, threads, cfg)
     decoder = Decoder(llm_file, n_ctx=n_ctx, threads=threads, exact=exact, eval_callback=eval_callback,
                       load_mode=resolve_load_mode(load_mode, low_memory=low_memory), **low_memory_context(low_memory))
     try:
-        vis = backend.make(vis_file, threads, cfg)
         embed_dim = m.model.resampler.embed_dim if m.model.resampler is not None else m.model.llm.hidden_size
         res = ResamplerInGraph(embed_dim) if res_file is None else \
             load_resampler(res_file, backend=resampler, threads=threads or default_threads(),
