@@ -24,8 +24,9 @@ def _load_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, help="CPU threads (default: the physical cores this process may use)")
     ap.add_argument("--ctx", type=int, default=4096, help="context length in tokens")
     ap.add_argument("--low-memory", action="store_true",
-                    help="keep the LLM weights in evictable file pages (mmap, no repacked copy: slower matmuls) and "
-                         "free the vision session between requests (reloaded per request)")
+                    help="keep the LLM weights in evictable file pages (mmap, no repacked copy: slower matmuls), "
+                         "a q8_0 KV cache and 128-token prompt micro-batches, and free the vision session between "
+                         "requests (reloaded per request)")
 
 
 def _load(args):
