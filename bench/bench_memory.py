@@ -54,16 +54,14 @@ def _probe(conn, checkpoint: str, llm: str, vision: str, resampler: str | None, 
         m = session_from_files(ckpt, Path(llm), Path(vision), Path(resampler) if resampler else None, threads,
                                low_memory=mode == "low-memory", n_ctx=n_ctx)
         stages["load"] = _snapshot()
-        t0 = time.perf_counter()
         prepared = m.prepare_image(image)
-        prepare_s = time.perf_counter() - t0
         stages["vision"] = _snapshot()
         r = m.chat([{"role": "user", "content": [prepared, {"type": "text", "text": "Describe this image."}]}],
                    greedy=True, max_tokens=decode)
         stages["answer"] = _snapshot()
         conn.send(("ok", {"stages": stages, "version": ckpt.facts.version, "load_mode": m.decoder.load_mode,
                           "answer_tokens": r.timings.completion_tokens, "n_ctx": m.decoder.n_ctx,
-                          "kv_type": m.decoder.kv_type, "n_ubatch": m.decoder.n_ubatch, "prepare_s": prepare_s,
+                          "kv_type": m.decoder.kv_type, "n_ubatch": m.decoder.n_ubatch, "prepare_s": prepared.timings.first_token,
                           "ttft_s": r.timings.first_token, "decode_tok_s": r.timings.decode_tok_s}))
         m.close()
     except Exception as e:  # noqa: BLE001 - reported by the parent as one line

@@ -190,6 +190,8 @@ class Decoder:
         path = Path(gguf_path)
         if not path.is_file():
             raise MiniCPMVEdgeError(f"{path}: file not found")
+        if kv_type not in KV_TYPES:        # before the weights are loaded
+            raise MiniCPMVEdgeError(f"KV cache type {kv_type!r} is not one of {', '.join(KV_TYPES)}")
         self.load_mode = resolve_load_mode(load_mode)
         mparams = llama_cpp.llama_model_default_params()
         mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE if self.load_mode == "read" else \
@@ -200,8 +202,6 @@ class Decoder:
             raise MiniCPMVEdgeError(llamacpp_log.explain(f"{path}: llama.cpp could not load this GGUF"))
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
-        if kv_type not in KV_TYPES:
-            raise MiniCPMVEdgeError(f"KV cache type {kv_type!r} is not one of {', '.join(KV_TYPES)}")
         cparams.n_batch = n_batch
         cparams.n_ubatch = min(n_ubatch or n_batch, n_batch)
         cparams.type_k = cparams.type_v = KV_TYPES[kv_type]

@@ -13,8 +13,8 @@ How llama.cpp holds a GGUF's weights decides whether they are resident once or t
   at the price of the plain (not repacked) matmul kernels: 438 MB (45 anon + 393 file).
 So: where llama.cpp repacks, "read" (the default there); elsewhere "mmap" (nothing is copied, the pages are
 shared and evictable); `--low-memory` picks "mmap-norepack", a q8_0 KV cache and small micro-batches
-(`low_memory_context`), and frees the vision session's arena after each request. Linux only reports these figures (/proc); elsewhere
-the readers return None.
+(`low_memory_context`), and frees the vision session after each request's images. Linux only reports these
+figures (/proc); elsewhere the readers return None.
 """
 from __future__ import annotations
 
@@ -118,9 +118,10 @@ def resolve_load_mode(mode: str | None = None, *, low_memory: bool = False) -> s
 
 def low_memory_context(low_memory: bool) -> dict:
     """The llama.cpp context settings of `--low-memory` (Decoder keyword arguments), on top of its load mode.
-    Measured on edge-4b (Qwen3-4B shape, 151 936-token vocabulary, 4 096 context): the f16 KV cache is 576 MiB
-    and q8_0 halves it (306); the compute buffer (307 MiB) is mostly the worst-case logits of one 512-token
-    micro-batch, and 128-token micro-batches cut it to ~80 at no cost to a one-image prompt (< 128 positions)."""
+    On edge-4b (Qwen3-4B shape, 151 936-token vocabulary, 4 096 context) llama.cpp logs a 576 MiB f16 KV cache and
+    a 307 MiB compute buffer; q8_0 stores the cache in 0.54 of f16's bytes (tests/test_memory.py), and the
+    buffer is reserved for the worst-case logits of one micro-batch (512 x 151 936 x 4 B = 297 MiB of it), so
+    128-token micro-batches cut it to a quarter. Measured peak: 4 277 -> 3 993 MiB (bench/README)."""
     return {"n_ubatch": 128, "kv_type": "q8_0"} if low_memory else {}
 
 
