@@ -19,6 +19,7 @@ the text tokens it expands itself.
 from __future__ import annotations
 
 import ctypes
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,18 @@ GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q8_0 = 0, 1, 8
 KV_TYPES = {"f32": GGML_TYPE_F32, "f16": GGML_TYPE_F16, "q8_0": GGML_TYPE_Q8_0}
 STATE_SEQ_PARTIAL_ONLY = 1     # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY: only the recurrent (or SWA) part
 MAX_STATE_SNAPSHOTS = 4     # ~20 MB each for 4.6 (18 delta-net layers x 16 heads x 128 x 128 f32)
+# llama.cpp's x86 kernels for repacked weights (Q4_0, Q4_K, IQ4_NL, Q2_K interleaved 8x8; ggml-cpu/arch/x86/
+# repack.cpp, `anr = nr - nr % 16`) multiply 16 prompt rows per pass over the weights, the rest 4 at a time and
+# the last 1-3 one by one, so a 12-15 token batch costs more than a 16-token one (edge-4b Q4_K_M, 2 threads:
+# 14 tokens 1.23 s, 16 tokens 1.00 s). Such batches get up to MAX_PAD_ROWS throwaway tokens after the real ones.
+X86_GEMM_ROWS, MAX_PAD_ROWS = 16, 4
+
+
+def pad_rows_for(n: int, block: int) -> int:
+    """Throwaway rows that make an `n`-row batch a whole number of `block`-row kernel passes, when that is
+    cheaper (at most MAX_PAD_ROWS of them, and never for fewer than a block's worth of real rows): else 0."""
+    pad = -n % block if block else 0
+    return pad if 0 < pad <= MAX_PAD_ROWS and n + pad >= block else 0
 
 
 class ContextOverflowError(MiniCPMVEdgeError):
@@ -237,6 +250,11 @@ class Decoder:
                               or llama_cpp.llama_model_is_hybrid(self.model))
         self._snapshots: dict[int, bytes] = {}   # recurrent state after this many positions (recurrent only)
         self._one = None                 # the decode loop's one-token batch (`_step_in_place`)
+        # token batches padded to whole kernel passes (X86_GEMM_ROWS) where llama.cpp repacks the weights on x86;
+        # not for recurrent models (their state would see the padding) nor under an eval callback (it would)
+        self.gemm_rows = X86_GEMM_ROWS if (
+            platform.machine().lower() in ("x86_64", "amd64") and self.load_mode != "mmap-norepack"
+            and not self.recurrent and eval_callback is None) else 0
         self.last_decode_steps = 0       # one-token decodes of the last `generate` (its answer tokens but the first)
 
     # ----- text
@@ -325,13 +343,22 @@ class Decoder:
 
     # ----- prefill / decode
     def _decode_batch(self, *, tokens: Sequence[int] | None = None, rows: np.ndarray | None = None,
-                      want_logits: bool, all_outputs: bool = False) -> None:
+                      want_logits: bool, all_outputs: bool = False, real: int | None = None) -> None:
+        """Decode one batch at the next positions. `real` (< the batch size): only the first `real` tokens are
+        the prompt's, the rest throwaway padding whose KV cells are removed again."""
         lc = self._lc
         n = len(tokens) if tokens is not None else rows.shape[0]
         p0 = len(self._keys)
-        if p0 + n > self.n_ctx:
+        if real is None and p0 + n > self.n_ctx:
             raise ContextOverflowError(f"the prompt needs {p0 + n} positions but the context holds {self.n_ctx} "
                                        f"(raise n_ctx, use fewer slices or images, or shorten the text)")
+        # the throwaway tokens sit after the real ones, so causal attention keeps them out of the real rows, and
+        # leave the KV cache right after; they are copies of the last token (any id would do)
+        pad = pad_rows_for(n, self.gemm_rows) if tokens is not None and real is None and not all_outputs else 0
+        if pad and p0 + n + pad <= self.n_ctx:
+            tokens = [*tokens, *[tokens[-1]] * pad]
+            self._decode_batch(tokens=tokens, want_logits=want_logits, real=n)
+            return
         # embedding rows on M-RoPE models take 4 position components each, section-major
         n_pos = n * self._pos_per_row if rows is not None else n
         batch = lc.llama_batch_init(n_pos, self.n_embd if rows is not None else 0, 1)
@@ -348,12 +375,14 @@ class Decoder:
                 batch.pos[i] = p0 + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
-                batch.logits[i] = all_outputs or (want_logits and i == n - 1)
+                batch.logits[i] = all_outputs or (want_logits and i == (real or n) - 1)
             for j in range(1, n_pos // n):      # (p, p, p, 0), as llama.cpp expands text positions
                 for i in range(n):
                     batch.pos[j * n + i] = p0 + i if j < 3 else 0
             batch.n_tokens = n
             rc = lc.llama_decode(self.ctx, batch)
+            if real is not None:
+                lc.llama_memory_seq_rm(self._mem, 0, p0 + real, -1)
             if rc != 0:
                 raise MiniCPMVEdgeError(llamacpp_log.explain(f"llama_decode failed (code {rc})"))
         finally:
