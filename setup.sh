@@ -45,19 +45,24 @@ if [ "$(uname -m)" = x86_64 ]; then
   LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON $LLAMA_CMAKE_ARGS"
 fi
 # Opt-in, MINICPMV_EDGE_LLAMA_CPU_VARIANTS=1: llama.cpp's CPU backend built once per feature level (x86: x64 ...
-# haswell (AVX2) ... skylakex/icelake/zen4 (AVX-512, VNNI, BF16) ... sapphirerapids (AMX); ARM Linux: armv8.0 ...
-# armv8.6 (dotprod, i8mm, SVE) ...) as libggml-cpu-<variant>.so, and ggml loads the best one for this CPU at run
-# time (GGML_BACKEND_DL + GGML_CPU_ALL_VARIANTS). Off by default: 14 x86 variants compile for far longer than
-# the one portable AVX2 backend (see bench/README.md, "Kernels for the CPU at hand"). ggml looks for the variants
-# only in its compile-time GGML_BACKEND_DIR (a stock build installs them into site-packages/bin, where nothing
-# looks), so that is set to this venv's llama_cpp/lib: CMake writes them there during the build, outside the
-# wheel, which is why this wheel must not be cached (--no-cache-dir) and the venv not be moved.
+# haswell (AVX2) ... skylakex/icelake/zen4 (AVX-512, VNNI, BF16) ... sapphirerapids (AMX, removed below); ARM
+# Linux: armv8.0 ... armv8.6 (dotprod, i8mm, SVE) ...) as libggml-cpu-<variant>.so, and ggml loads the best one
+# for this CPU at run time (GGML_BACKEND_DL + GGML_CPU_ALL_VARIANTS). Off by default: 14 x86 variants compile for
+# longer than the one portable AVX2 backend (see bench/README.md, "Kernels for the CPU at hand"). ggml looks for
+# the variants only in its compile-time GGML_BACKEND_DIR (a stock build installs them into site-packages/bin,
+# where nothing looks), so that is set to this venv's llama_cpp/lib: CMake writes them there during the build,
+# outside the wheel, which is why this wheel must not be cached (--no-cache-dir) and the venv not be moved.
 if [ "${MINICPMV_EDGE_LLAMA_CPU_VARIANTS:-0}" = 1 ]; then
   LLAMA_LIB="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')/llama_cpp/lib"
   if ! ls "$LLAMA_LIB"/libggml-cpu-*.so >/dev/null 2>&1; then
     echo "setup: building llama-cpp-python with all CPU backend variants (long: see bench/README.md)..."
     CMAKE_ARGS="-DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DGGML_NATIVE=OFF -DGGML_BACKEND_DIR=$LLAMA_LIB \
 -DLLAMA_OPENSSL=OFF" "${PIP[@]}" --no-cache-dir --force-reinstall --no-deps llama-cpp-python==0.3.36
+    # The AMX variant is left out, as ollama does: in this llama.cpp its AMX matmul dies with SIGILL at its first
+    # tile instruction on a Sapphire Rapids VM where a plain AMX program runs (seen here, 2026-12-01: `tilezero` in
+    # ggml_backend_amx_mul_mat; llama.cpp PR #26954 names a tile config the compiler drops and per-thread XFD
+    # permission), and ggml would pick it on every AMX CPU. The AVX-512 VNNI variants (zen4, icelake) remain.
+    rm -f "$LLAMA_LIB"/libggml-cpu-sapphirerapids.so
     # the check: llama.cpp initialised from a neutral folder maps one libggml-cpu-<variant>.so
     VENV_PYTHON="$PWD/.venv/bin/python"
     (cd / && "$VENV_PYTHON" -c "
