@@ -38,8 +38,9 @@ STATE_SEQ_PARTIAL_ONLY = 1     # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY: only the re
 MAX_STATE_SNAPSHOTS = 4     # ~20 MB each for 4.6 (18 delta-net layers x 16 heads x 128 x 128 f32)
 # llama.cpp's x86 kernels for repacked weights (Q4_0, Q4_K, IQ4_NL, Q2_K interleaved 8x8; ggml-cpu/arch/x86/
 # repack.cpp, `anr = nr - nr % 16`) multiply 16 prompt rows per pass over the weights, the rest 4 at a time and
-# the last 1-3 one by one, so a 12-15 token batch costs more than a 16-token one (edge-4b Q4_K_M, 2 threads:
-# 14 tokens 1.23 s, 16 tokens 1.00 s). Such batches get up to MAX_PAD_ROWS throwaway tokens after the real ones.
+# the last 1-3 one by one, so a 12-15 token batch costs more than a 16-token one (edge-4b Q4_K_M, 2 threads, AVX2:
+# 14 tokens 1.23 s, 16 tokens 1.00 s; a 14-token question padded to 16: 0.67 s against 0.78 s unpadded, bench/
+# README). Such batches get up to MAX_PAD_ROWS throwaway tokens after the real ones.
 X86_GEMM_ROWS, MAX_PAD_ROWS = 16, 4
 
 
