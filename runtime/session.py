@@ -695,20 +695,17 @@ class MiniCPMV:
             slice_tokens = self._slice_tokens(shapes, mode)
         n_tokens = self._placeholder_positions(planned.placeholder)
         # the prompt of a question about this image; its segments through the image's last block do not depend
-        # on the question and are decoded in the same batches a cold run decodes them in
+        # on the question and are decoded in the same batches a cold run decodes them in. The text after the
+        # image (`</image>`, newline) stays with the question: decoded here in a batch of its own, its rows take
+        # other kernels than in the cold run's batch (x86 repacked gemm: 16-row passes, then row by row), and on
+        # edge-4b the greedy answer then left the cold run's at its 5th token (2026-12-01)
         draft = PreparedImage(grid, encoded, slices, n_tokens, 0, t, slice_tokens)
-        head = [{"role": "system", "content": system}] if system is not None else []
-        segments, other = (self.prepare(head + [{"role": "user", "content": [draft, question]}], thinking=thinking,
-                                        max_slices=slices) for question in ("?", "Why"))
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+            [{"role": "user", "content": [draft, "?"]}]
+        segments = self.prepare(messages, thinking=thinking, max_slices=slices)
         last_block = max(i for i, seg in enumerate(segments) if isinstance(seg, Embeddings))
-        # the tokens right after the image that two unlike questions share (4.5: `</image>` and the newline) are
-        # prefilled too; a question that tokenizes them otherwise just recomputes them (the KV cache keeps keys).
-        # Not on recurrent models: they rewind to a snapshot before a prompt's last position anyway.
-        after, after_other = (s[last_block + 1] if len(s) > last_block + 1 else [] for s in (segments, other))
-        shared = 0 if self.decoder.recurrent else \
-            next((i for i, (a, b) in enumerate(zip(after, after_other)) if a != b), 0)
         t1 = time.perf_counter()
-        self.decoder.prefill(segments[:last_block + 1] + ([list(after[:shared])] if shared else []))
+        self.decoder.prefill(segments[:last_block + 1])
         t.prefill = time.perf_counter() - t1
         t.prefilled_tokens = self.decoder.last_prefill_positions
         t.prompt_tokens = self.decoder.n_past
