@@ -6,7 +6,7 @@ on (`gemm_rows` 16, the default on x86 where llama.cpp repacks) and off (0), sam
 A/B interleaved rep by rep (the order alternates). Each rep, per side: a cold question about a 448x448 image
 (`minicpmv-edge bench`'s QUESTION), then "same image, new question" (the KV cache holds everything up to the
 question: 14 positions of edge-4b's prompt, padded to 16 when on), then the image prepared ahead with
-`prepare_image` and the question after it (16 positions: no padding either way, a control). One answer token
+`prepare_image` and the question after it (18 positions: no padding either way, a control). One answer token
 each: these are TTFTs. Reported: medians with min-max and each row's share of the cold TTFT.
 """
 from __future__ import annotations
@@ -19,13 +19,10 @@ from pathlib import Path
 
 import minicpmv_edge
 from minicpmv_edge.workflows.benchmark import QUESTION
+from minicpmv_edge.workflows.benchmark import _image_messages as _messages
 from minicpmv_edge.workflows.demo import demo_image
 
 ROWS = ("cold", "new_question", "prepared")
-
-
-def _messages(image: str, question: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
 
 
 def main() -> None:

@@ -344,22 +344,18 @@ class Decoder:
 
     # ----- prefill / decode
     def _decode_batch(self, *, tokens: Sequence[int] | None = None, rows: np.ndarray | None = None,
-                      want_logits: bool, all_outputs: bool = False, real: int | None = None) -> None:
-        """Decode one batch at the next positions. `real` (< the batch size): only the first `real` tokens are
-        the prompt's, the rest throwaway padding whose KV cells are removed again."""
+                      want_logits: bool, all_outputs: bool = False) -> None:
         lc = self._lc
-        n = len(tokens) if tokens is not None else rows.shape[0]
+        n = real = len(tokens) if tokens is not None else rows.shape[0]
         p0 = len(self._keys)
-        if real is None and p0 + n > self.n_ctx:
+        if p0 + n > self.n_ctx:
             raise ContextOverflowError(f"the prompt needs {p0 + n} positions but the context holds {self.n_ctx} "
                                        f"(raise n_ctx, use fewer slices or images, or shorten the text)")
         # the throwaway tokens sit after the real ones, so causal attention keeps them out of the real rows, and
         # leave the KV cache right after; they are copies of the last token (any id would do)
-        pad = pad_rows_for(n, self.gemm_rows) if tokens is not None and real is None and not all_outputs else 0
+        pad = pad_rows_for(n, self.gemm_rows) if tokens is not None and not all_outputs else 0
         if pad and p0 + n + pad <= self.n_ctx:
-            tokens = [*tokens, *[tokens[-1]] * pad]
-            self._decode_batch(tokens=tokens, want_logits=want_logits, real=n)
-            return
+            tokens, n = [*tokens, *[tokens[-1]] * pad], n + pad
         # embedding rows on M-RoPE models take 4 position components each, section-major
         n_pos = n * self._pos_per_row if rows is not None else n
         batch = lc.llama_batch_init(n_pos, self.n_embd if rows is not None else 0, 1)
@@ -376,13 +372,13 @@ class Decoder:
                 batch.pos[i] = p0 + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
-                batch.logits[i] = all_outputs or (want_logits and i == (real or n) - 1)
+                batch.logits[i] = all_outputs or (want_logits and i == real - 1)
             for j in range(1, n_pos // n):      # (p, p, p, 0), as llama.cpp expands text positions
                 for i in range(n):
                     batch.pos[j * n + i] = p0 + i if j < 3 else 0
             batch.n_tokens = n
             rc = lc.llama_decode(self.ctx, batch)
-            if real is not None:
+            if n > real:
                 lc.llama_memory_seq_rm(self._mem, 0, p0 + real, -1)
             if rc != 0:
                 raise MiniCPMVEdgeError(llamacpp_log.explain(f"llama_decode failed (code {rc})"))

@@ -91,8 +91,8 @@ def test_padded_prompt_batch_gives_the_unpadded_logits_and_leaves_no_cells(tiny_
                 answer = list(dec.generate([toks], max_tokens=6, sampling=SamplingParams()))
             finally:
                 dec._lc = real
-            runs[rows] = (logits, counting.sizes[0], cells, dec.n_past, answer)
-        (plain, plain_batch, plain_cells, _, plain_answer), (padded, padded_batch, cells, _, answer) = runs.values()
+            runs[rows] = (logits, counting.sizes[0], cells, answer)
+        (plain, plain_batch, plain_cells, plain_answer), (padded, padded_batch, cells, answer) = runs.values()
         err = float(np.abs(padded - plain).max() / np.abs(plain).max())
         print(f"\nbatches {plain_batch} vs {padded_batch} tokens; KV cells after prefill {plain_cells} vs {cells}; "
               f"logits max rel. error {err:.2e} (tolerance 1e-3); answers identical: {answer == plain_answer}")
